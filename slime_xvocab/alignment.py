@@ -1,0 +1,532 @@
+"""Byte-exact alignment of teacher tokens to student tokens, and credit assignment.
+
+The student's response tokens spell some bytes. The teacher scores the same bytes in its own tokens.
+Both tokenizations are cut into the *finest chunks whose boundaries both sides share*: a chunk ends at a
+byte position where a student token and a teacher token both end (and no token of either side straddles
+it). Units are bytes of the student's response, so split multi-byte characters, SentencePiece ``▁`` and
+an extra or merged token at the start cannot shift anything.
+
+::
+
+    bytes    |  3  4  7     |  +     |  8  5     |
+    student  | "3"|"4"|"7"  | " +"   | " 8"|"5"  |     Qwen3 splits digits
+    teacher  |   "347"      | " +"   |  " 85"    |     Llama-3 groups up to three
+    chunks   |    3:1       |  1:1   |    2:1    |
+
+Each student position then receives one value, ``teacher_log_probs`` in slime's terms
+(:func:`assign_credit`):
+
+* ``exact``: a 1:1 chunk (one token each side, same bytes) gets the teacher's log-prob; every other
+  position keeps the student's log-prob, so its OPD delta is zero.
+* ``chunk`` (default): each chunk passes the teacher's log-mass for the chunk to its student tokens, so
+  that the sum over the chunk of ``teacher_value - student_logprob`` equals the teacher's chunk log-prob
+  minus the student's. The split inside a chunk is ``uniform`` (every token gets the same share of the
+  chunk's delta) or ``proportional`` (each token's value is its own log-prob scaled by the chunk ratio).
+
+Positions that cannot be aligned keep the student's log-prob and are counted, with a reason
+(:class:`Unaligned`).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from .errors import ByteMismatchError, SampleError
+from .token_bytes import TokenBytes
+
+CREDIT_MODES = ("chunk", "exact")
+CHUNK_SPLITS = ("uniform", "proportional")
+
+
+class Unaligned(IntEnum):
+    """Why a student position received no teacher signal (0 means it did)."""
+
+    ALIGNED = 0
+    SPECIAL = 1  # a control token (e.g. a role marker) with no byte content and no mapped counterpart
+    TEACHER_CONTEXT = 2  # past the teacher's context limit: the teacher never saw these bytes
+    INVALID_UTF8 = 3  # bytes that are not valid UTF-8 (e.g. a character cut by truncation)
+    NO_TEACHER_TOKENS = 4  # the teacher's encoding dropped these bytes (normalisation)
+    TEACHER_FAILED = 5  # the teacher could not score the sample (set by the hooks' fallback)
+    BYTE_MISMATCH = 6  # student and teacher bytes disagree here (set by the hooks' fallback)
+
+
+@dataclass(frozen=True, eq=False)
+class Alignment:
+    """Which student positions and teacher positions form each chunk.
+
+    Attributes:
+        student_chunk: int64 ``[n_student]``: chunk index of each student position, -1 if unaligned.
+        teacher_chunk: int64 ``[n_teacher]``: chunk index of each teacher position, -1 if it belongs to no
+            chunk (its log-prob is ignored).
+        reason: int8 ``[n_student]``: :class:`Unaligned` code per student position (0 where aligned).
+        num_chunks: number of chunks; every chunk has at least one position on each side.
+    """
+
+    student_chunk: np.ndarray
+    teacher_chunk: np.ndarray
+    reason: np.ndarray
+    num_chunks: int
+
+    @property
+    def n_student(self) -> int:
+        return len(self.student_chunk)
+
+    @property
+    def n_teacher(self) -> int:
+        return len(self.teacher_chunk)
+
+    def chunk_sizes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(student tokens per chunk, teacher tokens per chunk), each int64 ``[num_chunks]``."""
+        s = np.bincount(self.student_chunk[self.student_chunk >= 0], minlength=self.num_chunks)
+        t = np.bincount(self.teacher_chunk[self.teacher_chunk >= 0], minlength=self.num_chunks)
+        return s, t
+
+    def one_to_one(self) -> np.ndarray:
+        """bool ``[n_student]``: positions whose chunk is one student token and one teacher token."""
+        s, t = self.chunk_sizes()
+        single = (s == 1) & (t == 1)
+        out = np.zeros(self.n_student, dtype=bool)
+        aligned = self.student_chunk >= 0
+        out[aligned] = single[self.student_chunk[aligned]]
+        return out
+
+    def with_pair(self, student_positions: Sequence[int], teacher_positions: Sequence[int]) -> Alignment:
+        """Return a copy with one extra chunk joining the given positions (e.g. the end-of-turn tokens).
+
+        The positions must be unaligned so far. Used to pair the student's end-of-turn token with the
+        teacher's end-of-turn token(s), which spell no bytes and so never meet in the byte alignment.
+        """
+        student_chunk, teacher_chunk = self.student_chunk.copy(), self.teacher_chunk.copy()
+        reason = self.reason.copy()
+        s_pos, t_pos = np.asarray(student_positions, dtype=np.int64), np.asarray(teacher_positions, dtype=np.int64)
+        if not len(s_pos) or not len(t_pos):
+            return self
+        if (student_chunk[s_pos] >= 0).any() or (teacher_chunk[t_pos] >= 0).any():
+            raise ValueError("with_pair: positions are already part of a chunk")
+        student_chunk[s_pos] = self.num_chunks
+        teacher_chunk[t_pos] = self.num_chunks
+        reason[s_pos] = Unaligned.ALIGNED
+        return Alignment(student_chunk, teacher_chunk, reason, self.num_chunks + 1)
+
+    def stats(self) -> AlignmentStats:
+        """Per-sample statistics; see :class:`AlignmentStats`."""
+        s, t = self.chunk_sizes()
+        widths = np.maximum(s, t)
+        counts = np.bincount(self.reason.astype(np.int64), minlength=len(Unaligned))
+        return AlignmentStats(
+            student_tokens=self.n_student,
+            teacher_tokens=self.n_teacher,
+            chunks=self.num_chunks,
+            one_to_one_tokens=int(self.one_to_one().sum()),
+            covered_tokens=int((self.student_chunk >= 0).sum()),
+            mean_chunk_width=float(widths.mean()) if self.num_chunks else 0.0,
+            max_chunk_width=int(widths.max()) if self.num_chunks else 0,
+            unaligned_by_reason={r.name.lower(): int(counts[r]) for r in Unaligned if r and counts[r]},
+        )
+
+    @classmethod
+    def unaligned(cls, n_student: int, reason: Unaligned, n_teacher: int = 0) -> Alignment:
+        """An alignment in which no position is aligned (a fallback), with one reason for all."""
+        return cls(
+            np.full(n_student, -1, dtype=np.int64),
+            np.full(n_teacher, -1, dtype=np.int64),
+            np.full(n_student, int(reason), dtype=np.int8),
+            0,
+        )
+
+
+@dataclass(frozen=True)
+class AlignmentStats:
+    """Alignment statistics of one sample, ready to aggregate.
+
+    ``mean_chunk_width`` / ``max_chunk_width`` measure a chunk by its longer side: a 1:1 chunk has width 1,
+    "347" as three Qwen3 digits against one Llama-3 token has width 3.
+    """
+
+    student_tokens: int
+    teacher_tokens: int
+    chunks: int
+    one_to_one_tokens: int
+    covered_tokens: int
+    mean_chunk_width: float
+    max_chunk_width: int
+    unaligned_by_reason: dict[str, int]
+
+    @property
+    def unaligned_tokens(self) -> int:
+        return self.student_tokens - self.covered_tokens
+
+    @property
+    def one_to_one_fraction(self) -> float:
+        return self.one_to_one_tokens / self.student_tokens if self.student_tokens else 1.0
+
+    @property
+    def covered_fraction(self) -> float:
+        return self.covered_tokens / self.student_tokens if self.student_tokens else 1.0
+
+    def as_dict(self) -> dict[str, float]:
+        out: dict[str, float] = {
+            "student_tokens": self.student_tokens,
+            "teacher_tokens": self.teacher_tokens,
+            "chunks": self.chunks,
+            "one_to_one_fraction": self.one_to_one_fraction,
+            "covered_fraction": self.covered_fraction,
+            "mean_chunk_width": self.mean_chunk_width,
+            "max_chunk_width": self.max_chunk_width,
+            "unaligned_tokens": self.unaligned_tokens,
+        }
+        out.update({f"unaligned/{k}": v for k, v in self.unaligned_by_reason.items()})
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Core: spans -> chunks (pure numpy)
+
+
+def _cut_points(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Byte positions after which this side can be cut: every token before ends there or earlier and
+    every token after starts there or later. Spans may overlap (pieces of one character share a span)."""
+    if not len(ends):
+        return np.zeros(0, dtype=np.int64)
+    prefix_max_end = np.maximum.accumulate(ends)
+    suffix_min_start = np.minimum.accumulate(starts[::-1])[::-1]
+    next_start = np.append(suffix_min_start[1:], np.iinfo(np.int64).max)
+    return np.unique(prefix_max_end[prefix_max_end <= next_start])
+
+
+def align_spans(
+    student_spans: np.ndarray,
+    teacher_spans: np.ndarray,
+    *,
+    invalid_bytes: np.ndarray | None = None,
+    tail_reason: Unaligned = Unaligned.TEACHER_CONTEXT,
+) -> Alignment:
+    """Partition two tokenizations of one byte string into the finest chunks with shared boundaries.
+
+    Args:
+        student_spans: int64 ``[n_student, 2]``: ``[start, end)`` byte span of each student token, in order.
+            Zero-width spans (special tokens) are never aligned (reason ``SPECIAL``).
+        teacher_spans: int64 ``[n_teacher, 2]``: spans of the teacher tokens in the same byte coordinates.
+            They may overlap (byte pieces of one character reported with the character's span), leave
+            gaps (bytes the teacher's normaliser dropped) or stop early (teacher context limit).
+        invalid_bytes: optional bool ``[n_bytes]``: bytes the teacher could not see as text; chunks that
+            contain one are left unaligned (reason ``INVALID_UTF8``).
+        tail_reason: reason given to student tokens after the last shared boundary.
+
+    Returns:
+        The :class:`Alignment`. O(n + m) apart from a sort of the cut points.
+
+    Example:
+        >>> a = align_spans(np.array([[0, 1], [1, 2], [2, 3]]), np.array([[0, 3]]))   # "347" vs "347"
+        >>> a.student_chunk.tolist(), a.teacher_chunk.tolist()
+        ([0, 0, 0], [0])
+    """
+    s = np.asarray(student_spans, dtype=np.int64).reshape(-1, 2)
+    t = np.asarray(teacher_spans, dtype=np.int64).reshape(-1, 2)
+    n_s, n_t = len(s), len(t)
+    student_chunk = np.full(n_s, -1, dtype=np.int64)
+    teacher_chunk = np.full(n_t, -1, dtype=np.int64)
+    reason = np.zeros(n_s, dtype=np.int8)
+
+    s_text = s[:, 1] > s[:, 0]
+    t_text = t[:, 1] > t[:, 0]
+    reason[~s_text] = Unaligned.SPECIAL
+    s_idx, t_idx = np.flatnonzero(s_text), np.flatnonzero(t_text)
+    if not len(s_idx) or not len(t_idx):
+        reason[s_text] = tail_reason
+        return Alignment(student_chunk, teacher_chunk, reason, 0)
+
+    s_start, s_end = s[s_idx, 0], s[s_idx, 1]
+    t_start, t_end = t[t_idx, 0], t[t_idx, 1]
+    cuts = np.intersect1d(_cut_points(s_start, s_end), _cut_points(t_start, t_end), assume_unique=True)
+    # The region before the first text byte is not a chunk: chunk k spans (cuts[k-1], cuts[k]].
+    cuts = cuts[cuts > min(s_start[0], t_start[0])]
+
+    # A token belongs to the chunk whose right edge is the first cut at or after the token's end.
+    s_chunk = np.searchsorted(cuts, s_end, side="left")
+    t_chunk = np.searchsorted(cuts, t_end, side="left")
+    s_chunk[s_chunk >= len(cuts)] = -1
+    t_chunk[t_chunk >= len(cuts)] = -1
+
+    # A chunk needs tokens on both sides; one that holds invalid bytes carries a wrong teacher signal.
+    n_chunks = len(cuts)
+    s_count = np.bincount(s_chunk[s_chunk >= 0], minlength=n_chunks)
+    t_count = np.bincount(t_chunk[t_chunk >= 0], minlength=n_chunks)
+    bad_reason = np.zeros(n_chunks, dtype=np.int8)
+    bad_reason[(s_count > 0) & (t_count == 0)] = Unaligned.NO_TEACHER_TOKENS
+    if invalid_bytes is not None and invalid_bytes.any():
+        bad_at = np.flatnonzero(invalid_bytes)
+        chunk_of_bad = np.searchsorted(cuts, bad_at + 1, side="left")
+        bad_reason[chunk_of_bad[chunk_of_bad < n_chunks]] = Unaligned.INVALID_UTF8
+    keep = (s_count > 0) & (t_count > 0) & (bad_reason == 0)
+    renumber = np.cumsum(keep) - 1
+
+    s_ok = s_chunk >= 0
+    s_keep = np.zeros(len(s_chunk), dtype=bool)
+    s_keep[s_ok] = keep[s_chunk[s_ok]]
+    t_keep = np.zeros(len(t_chunk), dtype=bool)
+    t_keep[t_chunk >= 0] = keep[t_chunk[t_chunk >= 0]]
+
+    student_chunk[s_idx[s_keep]] = renumber[s_chunk[s_keep]]
+    teacher_chunk[t_idx[t_keep]] = renumber[t_chunk[t_keep]]
+    s_reason = np.full(len(s_idx), int(tail_reason), dtype=np.int8)
+    s_reason[s_ok] = bad_reason[s_chunk[s_ok]]
+    s_reason[s_keep] = Unaligned.ALIGNED
+    reason[s_idx] = s_reason
+    return Alignment(student_chunk, teacher_chunk, reason, int(keep.sum()))
+
+
+def spans_from_lengths(lengths: np.ndarray, start: int = 0) -> np.ndarray:
+    """int64 ``[n, 2]`` spans of consecutive tokens with the given byte lengths."""
+    ends = start + np.cumsum(np.asarray(lengths, dtype=np.int64))
+    return np.stack([ends - lengths, ends], axis=1) if len(ends) else np.zeros((0, 2), dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Credit assignment
+
+
+def assign_credit(
+    alignment: Alignment,
+    teacher_log_probs: np.ndarray,
+    student_log_probs: np.ndarray,
+    *,
+    mode: str = "chunk",
+    split: str = "uniform",
+) -> np.ndarray:
+    """One teacher value per student position (slime's ``teacher_log_probs``).
+
+    Args:
+        alignment: the sample's :class:`Alignment`.
+        teacher_log_probs: float ``[n_teacher]``: the teacher's log-prob of each teacher response token.
+        student_log_probs: float ``[n_student]``: the student's log-prob of each response token (slime's
+            ``rollout_log_probs``). Unaligned positions return exactly these values (OPD delta 0).
+        mode: ``"chunk"`` (every chunk passes on its log-mass) or ``"exact"`` (only 1:1 chunks).
+        split: inside a chunk, ``"uniform"``: value_j = s_j + (T - S) / n, every token gets the same share
+            of the chunk's delta; ``"proportional"``: value_j = s_j * T / S, the tokens the student found
+            harder carry more of it (falls back to uniform where S is 0). Both satisfy
+            sum_j (value_j - s_j) = T - S, with T and S the teacher and student chunk log-probs.
+
+    Returns:
+        float32 ``[n_student]``.
+
+    Example:
+        >>> a = align_spans(np.array([[0, 1], [1, 2]]), np.array([[0, 2]]))          # 2:1 chunk
+        >>> assign_credit(a, np.array([-1.0]), np.array([-0.2, -0.4])).tolist()      # delta -0.4 split evenly
+        [-0.4000000059604645, -0.6000000238418579]
+    """
+    if mode not in CREDIT_MODES:
+        raise ValueError(f"credit mode must be one of {CREDIT_MODES}, got {mode!r}")
+    if split not in CHUNK_SPLITS:
+        raise ValueError(f"chunk split must be one of {CHUNK_SPLITS}, got {split!r}")
+    teacher = np.asarray(teacher_log_probs, dtype=np.float64)
+    student = np.asarray(student_log_probs, dtype=np.float64)
+    if teacher.shape != (alignment.n_teacher,) or student.shape != (alignment.n_student,):
+        raise ValueError(
+            f"assign_credit: got {teacher.shape[0]} teacher / {student.shape[0]} student log-probs for an "
+            f"alignment of {alignment.n_teacher} teacher / {alignment.n_student} student tokens"
+        )
+    out = student.copy()
+    s_in = np.flatnonzero(alignment.student_chunk >= 0)
+    if not len(s_in):
+        return out.astype(np.float32)
+    s_chunk = alignment.student_chunk[s_in]
+    t_in = alignment.teacher_chunk >= 0
+    n = alignment.num_chunks
+    t_sum = np.bincount(alignment.teacher_chunk[t_in], weights=teacher[t_in], minlength=n)
+    if mode == "exact":
+        one = alignment.one_to_one()
+        out[one] = t_sum[alignment.student_chunk[one]]
+        return out.astype(np.float32)
+    s_sum = np.bincount(s_chunk, weights=student[s_in], minlength=n)
+    s_count = np.bincount(s_chunk, minlength=n)
+    uniform = student[s_in] + ((t_sum - s_sum) / s_count)[s_chunk]
+    if split == "uniform":
+        out[s_in] = uniform
+    else:
+        safe = s_sum < -1e-12
+        ratio = np.divide(t_sum, s_sum, out=np.zeros(n), where=safe)
+        out[s_in] = np.where(safe[s_chunk], student[s_in] * ratio[s_chunk], uniform)
+    return out.astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Text <-> bytes, and aligning a student response with the teacher's encoding of the same bytes
+
+
+def decode_with_byte_map(data: bytes) -> tuple[str, np.ndarray, np.ndarray]:
+    """Decode UTF-8 bytes for the teacher, keeping track of where every character came from.
+
+    Invalid bytes (a character cut in half by truncation, or garbage the student sampled) become U+FFFD,
+    one per byte, and are flagged so the alignment can leave them out.
+
+    Returns:
+        ``(text, char_starts, invalid)``: ``char_starts`` is int64 ``[len(text) + 1]``, the byte offset of
+        each character (last entry ``len(data)``); ``invalid`` is bool ``[len(data)]``.
+    """
+    arr = np.frombuffer(data, dtype=np.uint8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        escaped = data.decode("utf-8", errors="surrogateescape")
+        lengths = np.fromiter(
+            (1 if 0xDC80 <= ord(c) <= 0xDCFF else len(c.encode("utf-8")) for c in escaped),
+            dtype=np.int64,
+            count=len(escaped),
+        )
+        char_starts = np.concatenate([[0], np.cumsum(lengths)])
+        invalid = np.zeros(len(data), dtype=bool)
+        bad_chars = np.flatnonzero([0xDC80 <= ord(c) <= 0xDCFF for c in escaped])
+        invalid[char_starts[bad_chars]] = True
+        text = "".join("\ufffd" if 0xDC80 <= ord(c) <= 0xDCFF else c for c in escaped)
+        return text, char_starts, invalid
+    char_starts = np.append(np.flatnonzero((arr & 0xC0) != 0x80), len(data)).astype(np.int64)
+    return text, char_starts, np.zeros(len(data), dtype=bool)
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherEncoding:
+    """The teacher's tokens for a byte string, with their spans in that string's byte coordinates.
+
+    Attributes:
+        ids: int64 ``[m]`` teacher token ids.
+        spans: int64 ``[m, 2]`` byte spans in the *original* bytes (what the student spelled).
+        exact: True if the teacher's tokens spell exactly the original bytes (spans are byte-precise);
+            False if the teacher's normaliser rewrote some text and spans come from its offset mapping.
+        invalid_bytes: bool ``[n_bytes]``: bytes that were not valid UTF-8.
+    """
+
+    ids: np.ndarray
+    spans: np.ndarray
+    exact: bool
+    invalid_bytes: np.ndarray
+
+
+def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> TeacherEncoding:
+    """Encode bytes with the teacher's tokenizer as plain text and locate every token in those bytes.
+
+    Text that looks like a special token (``<|eot_id|>`` written in prose) stays text
+    (``split_special_tokens=True``). If the tokenizer adds a dummy prefix (a lone leading ``▁`` token)
+    that the bytes do not have, it is dropped. When the teacher's tokens spell the bytes exactly, spans
+    are byte-precise; when its normaliser changed the text (Qwen3 composes NFD accents, Gemma-3 rewrites
+    some characters), spans come from the offset mapping, which points back into the original text.
+    """
+    text, char_starts, invalid = decode_with_byte_map(data)
+    if not text:
+        empty = np.zeros(0, dtype=np.int64)
+        return TeacherEncoding(empty, empty.reshape(0, 2), True, invalid)
+    enc = teacher_tokenizer(
+        text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
+    )
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    lengths = teacher_table.lengths_of(ids)
+    if teacher_table.adds_dummy_prefix and len(ids) and not data.startswith(b" "):
+        if teacher_table.bytes_of(ids[:1]) == b" ":
+            ids, offsets, lengths = ids[1:], offsets[1:], lengths[1:]
+    if not invalid.any() and teacher_table.bytes_of(ids) == data:
+        return TeacherEncoding(ids, spans_from_lengths(lengths), True, invalid)
+    spans = char_starts[np.clip(offsets, 0, len(text))]
+    return TeacherEncoding(ids, spans, False, invalid)
+
+
+def response_spans(student_ids: Sequence[int] | np.ndarray, student_table: TokenBytes) -> np.ndarray:
+    """Byte spans of the student's response tokens (special tokens are zero-width)."""
+    return spans_from_lengths(student_table.lengths_of(student_ids))
+
+
+def align_response(
+    student_ids: Sequence[int] | np.ndarray,
+    student_table: TokenBytes,
+    teacher_tokenizer,
+    teacher_table: TokenBytes,
+    *,
+    max_teacher_tokens: int | None = None,
+) -> tuple[TeacherEncoding, Alignment]:
+    """Spell the student's response ids as bytes, encode them for the teacher, and align the two.
+
+    Args:
+        student_ids: the student's response token ids (may include special tokens, e.g. end of turn).
+        student_table, teacher_table: :func:`~slime_xvocab.token_bytes.token_bytes` of each tokenizer.
+        teacher_tokenizer: the teacher's Hugging Face tokenizer.
+        max_teacher_tokens: keep at most this many teacher tokens (teacher context budget); student
+            positions past them are unaligned with reason ``TEACHER_CONTEXT``.
+
+    Returns:
+        ``(teacher_encoding, alignment)``; the teacher's response ids are ``teacher_encoding.ids``.
+    """
+    data = student_table.bytes_of(student_ids)
+    encoding = encode_bytes(teacher_tokenizer, teacher_table, data)
+    if max_teacher_tokens is not None and len(encoding.ids) > max_teacher_tokens:
+        keep = max(0, max_teacher_tokens)
+        encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
+    alignment = align_spans(
+        response_spans(student_ids, student_table),
+        encoding.spans,
+        invalid_bytes=encoding.invalid_bytes,
+        tail_reason=Unaligned.TEACHER_CONTEXT,
+    )
+    return encoding, alignment
+
+
+def align_tokens(
+    student_ids: Sequence[int] | np.ndarray,
+    teacher_ids: Sequence[int] | np.ndarray,
+    student_table: TokenBytes,
+    teacher_table: TokenBytes,
+    *,
+    sample: object = None,
+) -> Alignment:
+    """Align two token sequences that must spell identical bytes.
+
+    Raises:
+        ByteMismatchError: the bytes differ; the message gives the first differing byte, both sides'
+            text around it, and the likely cause.
+    """
+    s_bytes, t_bytes = student_table.bytes_of(student_ids), teacher_table.bytes_of(teacher_ids)
+    if s_bytes != t_bytes:
+        raise ByteMismatchError(describe_mismatch(s_bytes, t_bytes, sample=sample))
+    return align_spans(
+        response_spans(student_ids, student_table), response_spans(teacher_ids, teacher_table)
+    )
+
+
+def describe_mismatch(student: bytes, teacher: bytes, *, sample: object = None) -> str:
+    """Say where two byte strings first differ and what probably caused it."""
+    at = next((k for k, (a, b) in enumerate(zip(student, teacher)) if a != b), min(len(student), len(teacher)))
+    lo = max(0, at - 16)
+
+    def show(b: bytes) -> str:
+        return repr(b[lo:at + 16].decode("utf-8", errors="replace"))
+
+    s_text, t_text = student.decode("utf-8", "replace"), teacher.decode("utf-8", "replace")
+    if unicodedata.normalize("NFC", s_text) == unicodedata.normalize("NFC", t_text):
+        cause = "the teacher tokenizer normalises Unicode (NFC); encode with offsets (encode_bytes) instead"
+    elif teacher.startswith(b" ") and teacher[1:] == student:
+        cause = "the teacher tokenizer adds a dummy-prefix space; drop it before aligning"
+    elif len(teacher) < len(student) and student.startswith(teacher):
+        cause = "the teacher's tokens stop early (truncated to a context limit?)"
+    else:
+        cause = "the two token sequences do not spell the same text (were they produced from one response?)"
+    where = f"sample {sample}: " if sample is not None else ""
+    return (
+        f"{where}student and teacher bytes differ at byte {at} "
+        f"(student {len(student)} bytes, teacher {len(teacher)} bytes): student {show(student)} vs "
+        f"teacher {show(teacher)}. Likely cause: {cause}."
+    )
+
+
+def check_log_probs(values: np.ndarray, what: str, sample: object = None) -> np.ndarray:
+    """float64 array of log-probs, raising SampleError on NaN/inf or positive values."""
+    arr = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(arr) | (arr > 1e-4)
+    if bad.any():
+        where = f"sample {sample}: " if sample is not None else ""
+        k = int(np.flatnonzero(bad)[0])
+        raise SampleError(f"{where}{what}[{k}] = {arr[k]!r} is not a log-probability (finite and <= 0)")
+    return arr

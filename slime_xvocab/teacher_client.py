@@ -1,0 +1,924 @@
+"""Score token sequences on an SGLang teacher: prefill-only ``/generate`` with input log-probs.
+
+The client sends one sequence (or a batch) to SGLang's native ``/generate`` with ``max_new_tokens=0`` and
+``return_logprob=true``, and returns the teacher's log-probability of every response token::
+
+    log_probs[k - response_start] = log p_teacher(input_ids[k] | input_ids[:k])   for k >= response_start
+
+The exact request (one sequence)::
+
+    {"input_ids": [...],
+     "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": false},
+     "return_logprob": true,
+     "logprob_start_len": response_start - 1}          # + "top_logprobs_num": k when top_logprobs > 0
+
+``logprob_start_len = response_start - 1`` makes the answer carry exactly one (null) entry plus one entry per
+response token, so the payload grows with the response, not the prompt, and SGLang may reuse the cached
+prompt KV across the samples of a group. Input log-probs are always temperature-1 values (SGLang does not
+apply ``temperature`` to them); run slime with ``--rollout-temperature 1``.
+
+Every answer is validated before it becomes numbers (a wrong answer raises, it is never silently used):
+
+* it is JSON of the right shape (an object per sequence; an array of them for a batch);
+* ``meta_info.prompt_tokens == len(input_ids)`` (catches a server that truncates, ``--allow-auto-truncate``);
+* ``len(input_token_logprobs) == prompt_tokens - logprob_start_len`` and the leading entry's logprob is null;
+* the echoed token ids equal the ids sent;
+* every log-prob is finite and ``<= 0`` (up to ``1e-4`` of rounding).
+
+Failures map onto :mod:`slime_xvocab.errors`:
+
+* connection refused/reset, 5xx, 408, 429: retried ``max_retries`` times, then ``TeacherUnavailable``;
+* no answer within ``timeout_s``: retried, then ``TeacherTimeout``;
+* any other 4xx (bad request, 401, 404 ...): ``TeacherRequestRejected`` at once, with the server's message;
+* an answer that fails validation: ``TeacherBadResponse`` at once (unless ``retry_bad_responses``);
+* an input longer than ``max_input_tokens`` or with ``response_start < 1``: ``SampleError``, nothing is sent.
+
+Retries use exponential backoff with full jitter (``uniform(0, min(max_backoff_s, backoff_s * 2**n))``).
+With several URLs, requests go round-robin over the healthy endpoints; an endpoint that fails is put in
+cooldown and the retry goes to another one at once. If every endpoint is cooling down the client tries
+anyway (the one whose cooldown ends first) and counts it in ``stats()["all_endpoints_down"]``. A
+``sglang-router`` in front of several replicas is simply one URL.
+
+Example::
+
+    async with TeacherClient("http://teacher:30000", timeout_s=60) as client:
+        scores = await client.score(input_ids, response_start=len(prompt_ids))
+        scores.log_probs          # float32[len(input_ids) - len(prompt_ids)]
+
+    with SyncTeacherClient(["http://t1:30000", "http://t2:30000"], batch_size=8) as client:
+        all_scores = client.score_many([(ids_a, 12), (ids_b, 40)])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+
+from .errors import (
+    SampleError,
+    TeacherBadResponse,
+    TeacherRequestRejected,
+    TeacherTimeout,
+    TeacherUnavailable,
+)
+
+try:  # orjson is 3-10x faster on the log-prob lists; it comes with sglang-router. json is the fallback.
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
+__all__ = [
+    "TeacherScores",
+    "TeacherClient",
+    "SyncTeacherClient",
+    "parse_error_message",
+    "normalize_url",
+    "build_request",
+    "LOGPROB_EPS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest log-prob accepted as "<= 0": float32 log-softmax of a near-certain token can round above 0.
+LOGPROB_EPS = 1e-4
+#: HTTP statuses that are retried (besides every 5xx): request timeout, too many requests.
+RETRY_STATUSES = frozenset({408, 429})
+#: Failure kinds, each counted in ``stats()`` as ``failures_<kind>``.
+FAILURE_KINDS = ("timeout", "connection", "5xx", "4xx", "bad_response")
+#: How many recent call latencies the percentiles are computed over.
+LATENCY_WINDOW = 65536
+
+T = TypeVar("T")
+
+
+def _dumps(obj: Any) -> bytes:
+    if _orjson is not None:
+        return _orjson.dumps(obj)
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _loads(data: bytes) -> Any:
+    if _orjson is not None:
+        return _orjson.loads(data)
+    return json.loads(data)
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """The teacher's log-probs for the response part of one sequence.
+
+    Attributes:
+        log_probs: float32 ``[len(input_ids) - response_start]``; entry ``i`` is
+            ``log p(input_ids[response_start + i] | input_ids[:response_start + i])`` (natural log, T=1).
+        top_log_probs: ``None`` unless the client was built with ``top_logprobs=k > 0``. Then one entry per
+            response position, ``(ids int64[k], lps float32[k])``, best first: the teacher's k most likely
+            tokens at that position (the distribution ``log_probs[i]`` was read from).
+        latency_s: wall time of the call, retries and backoff included (seconds).
+        attempts: HTTP attempts made (1 = no retry).
+        url: the ``/generate`` URL that answered.
+    """
+
+    log_probs: np.ndarray
+    top_log_probs: list | None
+    latency_s: float
+    attempts: int
+    url: str
+
+
+def normalize_url(url: str) -> str:
+    """Return the ``/generate`` URL for a base URL or a ``/generate`` URL.
+
+    Args:
+        url: ``http://host:port``, ``http://host:port/``, ``http://host:port/prefix`` or ``.../generate``.
+
+    Returns:
+        The URL ending in ``/generate``, e.g. ``normalize_url("http://h:30000") == "http://h:30000/generate"``.
+
+    Raises:
+        ValueError: the URL is empty or not http(s).
+    """
+    u = url.strip().rstrip("/")
+    if not u.startswith(("http://", "https://")):
+        raise ValueError(
+            f"teacher URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:30000)"
+        )
+    return u if u.endswith("/generate") else u + "/generate"
+
+
+def _base_url(generate_url: str) -> str:
+    return generate_url[: -len("/generate")]
+
+
+def parse_error_message(body: bytes | str | Any) -> str:
+    """Extract the human-readable message from an SGLang (or router/proxy) error body.
+
+    Understands the three envelopes SGLang uses: ``{"error": {"message": s}}``, ``{"error": s}`` and
+    ``{"object": "error", "message": s, ...}``; also a bare ``{"message": s}`` / ``{"detail": s}``. Anything
+    else (plain text, HTML from a proxy) is returned as text, trimmed to 500 characters.
+
+    Args:
+        body: the raw response body (bytes or str) or an already-decoded JSON value.
+
+    Returns:
+        The message (never empty: ``"<empty body>"`` for an empty body).
+
+    Example:
+        >>> parse_error_message(b'{"error": {"message": "input_ids cannot be empty."}}')
+        'input_ids cannot be empty.'
+    """
+    obj = body
+    if isinstance(body, (bytes, bytearray, str)):
+        text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
+        if not text.strip():
+            return "<empty body>"
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return text.strip()[:500]
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and err.get("message") is not None:
+            return str(err["message"])
+        if isinstance(err, str) and err:
+            return err
+        for key in ("message", "detail"):
+            if obj.get(key) is not None:
+                return str(obj[key])
+    return json.dumps(obj)[:500] if not isinstance(obj, str) else obj[:500]
+
+
+def build_request(items: Sequence[tuple[Sequence[int], int]], top_logprobs: int = 0) -> dict[str, Any]:
+    """Build the ``/generate`` body that scores ``items``.
+
+    Args:
+        items: ``(input_ids, response_start)`` pairs, already validated (ids as Python ints).
+            One item gives a single request; several give SGLang's batch form (list of lists).
+        top_logprobs: k > 0 adds ``top_logprobs_num``.
+
+    Returns:
+        The JSON-ready dict.
+    """
+    params = {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False}
+    if len(items) == 1:
+        ids, start = items[0]
+        body: dict[str, Any] = {"input_ids": ids, "logprob_start_len": start - 1}
+    else:
+        body = {"input_ids": [ids for ids, _ in items], "logprob_start_len": [s - 1 for _, s in items]}
+    body["sampling_params"] = params
+    body["return_logprob"] = True
+    if top_logprobs > 0:
+        body["top_logprobs_num"] = top_logprobs
+    return body
+
+
+class _Endpoint:
+    """One teacher URL and its health state."""
+
+    __slots__ = ("url", "cooldown_until", "consecutive_failures", "requests", "failures")
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.cooldown_until = 0.0
+        self.consecutive_failures = 0
+        self.requests = 0
+        self.failures = 0
+
+
+class _AttemptFailed(Exception):
+    """Internal: one HTTP attempt failed; ``kind`` is one of FAILURE_KINDS."""
+
+    def __init__(self, kind: str, message: str, retryable: bool, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class TeacherClient:
+    """Async scoring client for one or more SGLang ``/generate`` endpoints (or one router).
+
+    Args:
+        urls: one URL or several; base URLs (``http://host:port``) or ``.../generate``.
+        api_key: sent as ``Authorization: Bearer <api_key>`` (SGLang ``--api-key``).
+        timeout_s: per-attempt timeout (connect and read), seconds.
+        max_retries: retries after the first attempt for retryable failures (so ``1 + max_retries`` attempts).
+        backoff_s: base of the exponential backoff, seconds.
+        max_backoff_s: cap of one backoff sleep, seconds.
+        max_concurrency: most HTTP requests in flight at once (per event loop); also the connection pool size.
+        max_input_tokens: reject longer inputs client-side with SampleError (use the worker's
+            ``/server_info`` ``max_req_input_len``). ``None`` = no client-side limit.
+        top_logprobs: k > 0 also fetches the teacher's top-k log-probs at every response position.
+        batch_size: ``score_many`` packs this many sequences per request (SGLang batch form). Note that a
+            router sends a whole batch to one worker, and one bad item fails the whole batch.
+        cooldown_s: how long a failed endpoint is skipped by the balancer, seconds.
+        retry_bad_responses: also retry answers that fail validation (default: raise at once, since a
+            wrong answer usually means a misconfigured server, not a transient fault).
+        connect_timeout_s: connect timeout, seconds (default ``min(timeout_s, 10)``).
+        trust_env: let httpx read proxy settings from the environment.
+        health_path: what ``health()`` polls (``/health_generate`` runs a tiny forward on SGLang).
+
+    Raises:
+        ValueError: no URL, or a bad numeric setting.
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        max_concurrency: int = 32,
+        max_input_tokens: int | None = None,
+        top_logprobs: int = 0,
+        batch_size: int = 1,
+        cooldown_s: float = 5.0,
+        retry_bad_responses: bool = False,
+        connect_timeout_s: float | None = None,
+        trust_env: bool = True,
+        health_path: str = "/health_generate",
+    ) -> None:
+        url_list = [urls] if isinstance(urls, str) else list(urls)
+        if not url_list:
+            raise ValueError("TeacherClient needs at least one teacher URL, e.g. http://127.0.0.1:30000")
+        problems = []
+        if timeout_s <= 0:
+            problems.append(f"timeout_s={timeout_s} must be > 0")
+        if max_retries < 0:
+            problems.append(f"max_retries={max_retries} must be >= 0")
+        if backoff_s < 0 or max_backoff_s < 0:
+            problems.append("backoff_s and max_backoff_s must be >= 0")
+        if max_concurrency < 1:
+            problems.append(f"max_concurrency={max_concurrency} must be >= 1")
+        if batch_size < 1:
+            problems.append(f"batch_size={batch_size} must be >= 1")
+        if top_logprobs < 0:
+            problems.append(f"top_logprobs={top_logprobs} must be >= 0")
+        if max_input_tokens is not None and max_input_tokens < 1:
+            problems.append(f"max_input_tokens={max_input_tokens} must be >= 1 or None")
+        if problems:
+            raise ValueError("invalid TeacherClient settings: " + "; ".join(problems))
+        seen: dict[str, None] = {}
+        for u in url_list:
+            seen.setdefault(normalize_url(u))
+        self.urls: list[str] = list(seen)
+        self.api_key = api_key
+        self.timeout_s = float(timeout_s)
+        self.max_retries = int(max_retries)
+        self.backoff_s = float(backoff_s)
+        self.max_backoff_s = float(max_backoff_s)
+        self.max_concurrency = int(max_concurrency)
+        self.max_input_tokens = max_input_tokens
+        self.top_logprobs = int(top_logprobs)
+        self.batch_size = int(batch_size)
+        self.cooldown_s = float(cooldown_s)
+        self.retry_bad_responses = retry_bad_responses
+        self.connect_timeout_s = min(self.timeout_s, 10.0) if connect_timeout_s is None else connect_timeout_s
+        self.trust_env = trust_env
+        self.health_path = health_path
+        self._endpoints = [_Endpoint(u) for u in self.urls]
+        self._rr = 0
+        # Per-event-loop resources: an asyncio.Semaphore and an httpx pool are bound to the loop that first
+        # uses them, so both are (re)created lazily when the client is used from a different loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._rng = random.Random()
+        self.reset_stats()
+
+    # ------------------------------------------------------------------ resources
+
+    def _resources(self) -> tuple[asyncio.Semaphore, httpx.AsyncClient]:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._http is None or self._sem is None:
+            # A pool made on another (possibly closed) loop cannot be awaited here; it is dropped.
+            self._loop = loop
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s, pool=None),
+                limits=httpx.Limits(
+                    max_connections=self.max_concurrency,
+                    max_keepalive_connections=self.max_concurrency,
+                    keepalive_expiry=30.0,
+                ),
+                headers=self._headers,
+                trust_env=self.trust_env,
+            )
+        return self._sem, self._http
+
+    async def aclose(self) -> None:
+        """Close the connection pool (safe to call twice; the client reopens one if used again)."""
+        http, self._http = self._http, None
+        if http is not None:
+            try:
+                await http.aclose()
+            except RuntimeError:  # created on another, closed loop
+                pass
+
+    async def __aenter__(self) -> TeacherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ stats
+
+    def reset_stats(self) -> None:
+        """Zero every counter and forget the latency history."""
+        self._counts: dict[str, float] = {
+            "requests": 0,
+            "sequences": 0,
+            "retries": 0,
+            "errors": 0,
+            "all_endpoints_down": 0,
+            "bytes_sent": 0,
+            "bytes_received": 0,
+        }
+        for kind in FAILURE_KINDS:
+            self._counts[f"failures_{kind}"] = 0
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        for ep in getattr(self, "_endpoints", []):
+            ep.requests = ep.failures = 0
+
+    def stats(self) -> dict[str, float]:
+        """Counters since construction or the last ``reset_stats()``.
+
+        Returns:
+            A flat dict:
+
+            * ``requests``: HTTP ``/generate`` attempts sent (retries included; a batch is one request);
+            * ``sequences``: sequences scored successfully;
+            * ``retries``: attempts after the first one of a call;
+            * ``failures_{timeout,connection,5xx,4xx,bad_response}``: failed attempts by kind;
+            * ``errors``: calls that raised after all retries (or at once);
+            * ``all_endpoints_down``: attempts made while every endpoint was in cooldown;
+            * ``bytes_sent`` / ``bytes_received``: request / response body bytes of ``/generate`` calls;
+            * ``latency_{p50,p99,mean}_s``: end-to-end latency of successful calls (retries included),
+              over the last 65,536 calls; 0.0 when there are none.
+        """
+        out = dict(self._counts)
+        if self._latencies:
+            lat = np.fromiter(self._latencies, dtype=np.float64, count=len(self._latencies))
+            p50, p99 = np.percentile(lat, [50.0, 99.0])
+            out.update(latency_p50_s=float(p50), latency_p99_s=float(p99), latency_mean_s=float(lat.mean()))
+        else:
+            out.update(latency_p50_s=0.0, latency_p99_s=0.0, latency_mean_s=0.0)
+        return out
+
+    def endpoint_stats(self) -> dict[str, dict[str, float]]:
+        """Per-URL counters: ``requests``, ``failures``, ``healthy`` (1.0 unless in cooldown now)."""
+        now = time.monotonic()
+        return {
+            ep.url: {
+                "requests": float(ep.requests),
+                "failures": float(ep.failures),
+                "healthy": float(ep.cooldown_until <= now),
+            }
+            for ep in self._endpoints
+        }
+
+    # ------------------------------------------------------------------ validation (client side)
+
+    def _check_item(self, input_ids: Sequence[int], response_start: int, index: int | None) -> list[int]:
+        where = "sequence" if index is None else f"sequence {index}"
+        arr = np.asarray(input_ids)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise SampleError(
+                f"{where}: input_ids must be a flat sequence of integer token ids, got array of shape "
+                f"{arr.shape} and dtype {arr.dtype}"
+            )
+        n = int(arr.size)
+        rs = int(response_start)
+        if rs < 1:
+            raise SampleError(
+                f"{where}: response_start={rs}, but the teacher prompt cannot be empty: the teacher gives no "
+                "log-prob for the first token of a sequence. Start the teacher input with at least one "
+                "prompt token (e.g. BOS or the chat template's prefix) so response_start >= 1."
+            )
+        if rs > n:
+            raise SampleError(
+                f"{where}: response_start={rs} is past the end of input_ids (len {n}); "
+                "it must be <= len(input_ids)"
+            )
+        if n and int(arr.min()) < 0:
+            raise SampleError(f"{where}: input_ids contain a negative token id ({int(arr.min())})")
+        if self.max_input_tokens is not None and n > self.max_input_tokens:
+            raise SampleError(
+                f"{where}: input has {n} tokens, more than the teacher's limit max_input_tokens="
+                f"{self.max_input_tokens}; shorten the prompt/response or raise the teacher's "
+                "--context-length (and max_input_tokens). It was not sent."
+            )
+        return arr.astype(np.int64, copy=False).tolist()
+
+    # ------------------------------------------------------------------ public API
+
+    async def score(self, input_ids: Sequence[int], response_start: int) -> TeacherScores:
+        """Score one sequence.
+
+        Args:
+            input_ids: the teacher's token ids, prompt then response (list, tuple or 1-D int array).
+            response_start: index of the first response token, ``1 <= response_start <= len(input_ids)``.
+
+        Returns:
+            TeacherScores with ``len(input_ids) - response_start`` log-probs.
+
+        Raises:
+            SampleError: invalid input or longer than ``max_input_tokens`` (nothing is sent).
+            TeacherUnavailable, TeacherTimeout, TeacherRequestRejected, TeacherBadResponse: see module doc.
+        """
+        ids = self._check_item(input_ids, response_start, None)
+        return (await self._score_batch([(ids, int(response_start))]))[0]
+
+    async def score_many(self, items: Sequence[tuple[Sequence[int], int]]) -> list[TeacherScores]:
+        """Score many sequences concurrently (``max_concurrency`` requests in flight).
+
+        With ``batch_size > 1`` consecutive items are packed into requests of ``batch_size`` sequences.
+        Every item is validated before anything is sent.
+
+        Args:
+            items: ``(input_ids, response_start)`` pairs.
+
+        Returns:
+            One TeacherScores per item, in order. If any request fails for good, its error is raised
+            (the other requests still run to completion first).
+        """
+        checked = [(self._check_item(ids, rs, i), int(rs)) for i, (ids, rs) in enumerate(items)]
+        if not checked:
+            return []
+        chunks = [checked[i : i + self.batch_size] for i in range(0, len(checked), self.batch_size)]
+        results = await asyncio.gather(*(self._score_batch(c) for c in chunks), return_exceptions=True)
+        out: list[TeacherScores] = []
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+            out.extend(r)
+        return out
+
+    async def health(self) -> dict[str, bool]:
+        """GET ``health_path`` on every endpoint; updates the balancer's view.
+
+        Returns:
+            ``{generate_url: healthy}``; healthy means HTTP 200 within ``timeout_s``.
+        """
+        _, http = self._resources()
+
+        async def one(ep: _Endpoint) -> bool:
+            try:
+                r = await http.get(_base_url(ep.url) + self.health_path)
+                ok = r.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                ep.cooldown_until = 0.0
+                ep.consecutive_failures = 0
+            else:
+                ep.cooldown_until = time.monotonic() + self.cooldown_s
+            return ok
+
+        oks = await asyncio.gather(*(one(ep) for ep in self._endpoints))
+        return {ep.url: ok for ep, ok in zip(self._endpoints, oks, strict=True)}
+
+    async def model_info(self) -> dict:
+        """``/model_info`` (falls back to ``/get_model_info``) of the first endpoint that answers."""
+        return await self._get_info(("/model_info", "/get_model_info"))
+
+    async def server_info(self) -> dict:
+        """``/server_info`` (falls back to ``/get_server_info``) of the first endpoint that answers.
+
+        On an SGLang worker it holds ``context_length`` and ``max_req_input_len`` (use the latter as
+        ``max_input_tokens``). Behind a router it is the router's own info, without those keys.
+        """
+        return await self._get_info(("/server_info", "/get_server_info"))
+
+    # ------------------------------------------------------------------ internals
+
+    async def _get_info(self, paths: tuple[str, ...]) -> dict:
+        _, http = self._resources()
+        problems = []
+        for ep in self._ordered_endpoints():
+            for path in paths:
+                url = _base_url(ep.url) + path
+                try:
+                    r = await http.get(url)
+                except httpx.HTTPError as e:
+                    problems.append(f"{url}: {type(e).__name__}: {e}")
+                    break  # endpoint unreachable: try the next one
+                if r.status_code == 200:
+                    try:
+                        data = _loads(r.content)
+                    except ValueError:
+                        problems.append(f"{url}: answer is not JSON")
+                        continue
+                    if isinstance(data, dict):
+                        return data
+                    problems.append(f"{url}: answer is not a JSON object")
+                elif r.status_code in (401, 403):
+                    raise TeacherRequestRejected(
+                        f"{url} answered {r.status_code}: {parse_error_message(r.content)} (check api_key)"
+                    )
+                else:
+                    problems.append(f"{url}: HTTP {r.status_code}")
+        raise TeacherUnavailable(
+            "no teacher endpoint answered " + " or ".join(paths) + ": " + "; ".join(problems)
+        )
+
+    def _ordered_endpoints(self) -> list[_Endpoint]:
+        now = time.monotonic()
+        return sorted(self._endpoints, key=lambda ep: ep.cooldown_until > now)
+
+    def _pick(self, tried: set[str]) -> _Endpoint:
+        """Round-robin over healthy endpoints, preferring ones this call has not tried yet."""
+        eps = self._endpoints
+        if len(eps) == 1:
+            if eps[0].cooldown_until > time.monotonic():
+                self._counts["all_endpoints_down"] += 1
+            return eps[0]
+        now = time.monotonic()
+        n = len(eps)
+        start = self._rr
+        self._rr = (self._rr + 1) % n
+        healthy = [eps[(start + i) % n] for i in range(n) if eps[(start + i) % n].cooldown_until <= now]
+        fresh = [ep for ep in healthy if ep.url not in tried]
+        if fresh:
+            return fresh[0]
+        if healthy:
+            return healthy[0]
+        self._counts["all_endpoints_down"] += 1
+        untried = [ep for ep in eps if ep.url not in tried] or eps
+        return min(untried, key=lambda ep: ep.cooldown_until)
+
+    def _mark_failed(self, ep: _Endpoint) -> None:
+        ep.failures += 1
+        ep.consecutive_failures += 1
+        ep.cooldown_until = time.monotonic() + self.cooldown_s
+
+    async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
+        """Send one request for ``items`` with retries; return validated scores."""
+        body = _dumps(build_request(items, self.top_logprobs))
+        sem, http = self._resources()
+        t0 = time.perf_counter()
+        tried: set[str] = set()
+        attempts = 0
+        last: _AttemptFailed | None = None
+        last_url = self.urls[0]
+        while True:
+            ep = self._pick(tried)
+            tried.add(ep.url)
+            last_url = ep.url
+            attempts += 1
+            if attempts > 1:
+                self._counts["retries"] += 1
+            try:
+                async with sem:
+                    data = await self._post(http, ep, body)
+                parsed = _parse_answer(data, items, ep.url, self.top_logprobs)
+            except _AttemptFailed as e:
+                last = e
+                self._counts[f"failures_{e.kind}"] += 1
+                if e.kind != "4xx" and e.kind != "bad_response":
+                    self._mark_failed(ep)
+                retryable = e.retryable or (e.kind == "bad_response" and self.retry_bad_responses)
+                if not retryable or attempts > self.max_retries:
+                    break
+                delay = self._backoff(attempts, e.retry_after)
+                # Fail over at once when another healthy endpoint exists; back off otherwise.
+                now = time.monotonic()
+                if not any(x.cooldown_until <= now and x.url not in tried for x in self._endpoints):
+                    logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.url, e, attempts, delay)
+                    await asyncio.sleep(delay)
+                continue
+            ep.consecutive_failures = 0
+            ep.cooldown_until = 0.0
+            latency = time.perf_counter() - t0
+            self._latencies.append(latency)
+            self._counts["sequences"] += len(items)
+            return [
+                TeacherScores(
+                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.url
+                )
+                for lp, top in parsed
+            ]
+        self._counts["errors"] += 1
+        assert last is not None
+        n = len(items)
+        what = "1 sequence" if n == 1 else f"a batch of {n} sequences"
+        if last.kind == "4xx":
+            raise TeacherRequestRejected(f"{last} (scoring {what}; not retried: fix the request)")
+        if last.kind == "bad_response":
+            raise TeacherBadResponse(str(last))
+        summary = (
+            f"scoring {what} failed after {attempts} attempt(s) over {sorted(tried)}; last error: {last}"
+        )
+        if last.kind == "timeout":
+            raise TeacherTimeout(
+                f"{summary}. The teacher did not answer within timeout_s={self.timeout_s}; raise timeout_s, "
+                "lower max_concurrency/batch_size, or add teacher replicas."
+            )
+        raise TeacherUnavailable(
+            f"{summary}. Check that the teacher is up (GET {_base_url(last_url)}/health_generate)."
+        )
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
+        delay = self._rng.uniform(0.0, cap)  # full jitter
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.max_backoff_s))
+        return delay
+
+    async def _post(self, http: httpx.AsyncClient, ep: _Endpoint, body: bytes) -> Any:
+        """One HTTP attempt; returns decoded JSON or raises _AttemptFailed."""
+        ep.requests += 1
+        self._counts["requests"] += 1
+        self._counts["bytes_sent"] += len(body)
+        try:
+            r = await http.post(ep.url, content=body)
+        except httpx.TimeoutException as e:
+            raise _AttemptFailed(
+                "timeout", f"{ep.url}: no answer within {self.timeout_s}s ({type(e).__name__})", True
+            ) from None
+        except httpx.HTTPError as e:
+            raise _AttemptFailed(
+                "connection", f"{ep.url}: {type(e).__name__}: {e or 'connection failed'}", True
+            ) from None
+        content = r.content
+        self._counts["bytes_received"] += len(content)
+        status = r.status_code
+        if status != 200:
+            msg = parse_error_message(content)
+            retry_after = _retry_after(r.headers.get("retry-after"))
+            if status >= 500:
+                raise _AttemptFailed("5xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
+            if status in RETRY_STATUSES:
+                raise _AttemptFailed("4xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
+            hint = " (check api_key)" if status in (401, 403) else ""
+            raise _AttemptFailed(
+                "4xx", f"{ep.url} rejected the request with HTTP {status}: {msg}{hint}", False
+            )
+        try:
+            return _loads(content)
+        except ValueError:
+            snippet = content[:200].decode("utf-8", "replace")
+            raise _AttemptFailed(
+                "bad_response",
+                f"teacher {ep.url} answered 200 with a body that is not JSON: {snippet!r}",
+                False,
+            ) from None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _bad(url: str, index: int, n_items: int, what: str) -> _AttemptFailed:
+    where = "the answer" if n_items == 1 else f"answer item {index}"
+    return _AttemptFailed(
+        "bad_response",
+        f"teacher {url} returned an invalid scoring answer ({where}): {what}. "
+        "Is this an SGLang /generate endpoint started without --allow-auto-truncate?",
+        False,
+    )
+
+
+def _parse_answer(
+    data: Any, items: list[tuple[list[int], int]], url: str, top_k: int
+) -> list[tuple[np.ndarray, list | None]]:
+    """Validate a decoded ``/generate`` answer for ``items`` and extract the response log-probs."""
+    n = len(items)
+    if n == 1:
+        if isinstance(data, list) and len(data) == 1:
+            data = data[0]
+        objs = [data]
+    else:
+        if not isinstance(data, list):
+            raise _bad(
+                url, 0, n, f"expected a JSON array of {n} objects for a batch, got {type(data).__name__}"
+            )
+        if len(data) != n:
+            raise _bad(url, 0, n, f"batch answer has {len(data)} items, {n} sequences were sent")
+        objs = data
+    out = []
+    for i, (obj, (ids, rs)) in enumerate(zip(objs, items, strict=True)):
+        try:
+            out.append(_parse_item(obj, ids, rs, top_k))
+        except _ItemError as e:
+            raise _bad(url, i, n, str(e)) from None
+        except (TypeError, ValueError, KeyError, IndexError) as e:
+            raise _bad(url, i, n, f"malformed entry ({type(e).__name__}: {e})") from None
+    return out
+
+
+class _ItemError(Exception):
+    pass
+
+
+def _check_lps(lps: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(lps) | (lps > LOGPROB_EPS)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise _ItemError(f"{what} {j} is {lps[j]!r}; log-probs must be finite and <= 0")
+
+
+def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None]:
+    if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
+        raise _ItemError(f"expected an object with 'meta_info', got {str(obj)[:120]!r}")
+    meta = obj["meta_info"]
+    L = len(ids)
+    start = rs - 1
+    pt = meta.get("prompt_tokens")
+    if pt != L:
+        raise _ItemError(
+            f"meta_info.prompt_tokens={pt!r} but {L} input ids were sent (the server truncated or changed "
+            "the input; never run a teacher with --allow-auto-truncate)"
+        )
+    itl = meta.get("input_token_logprobs")
+    if not isinstance(itl, list):
+        raise _ItemError("meta_info.input_token_logprobs is missing (was return_logprob ignored?)")
+    if len(itl) != L - start:
+        raise _ItemError(
+            f"len(input_token_logprobs)={len(itl)} but prompt_tokens - logprob_start_len = "
+            f"{L} - {start} = {L - start}"
+        )
+    if itl[0][0] is not None:
+        raise _ItemError(
+            f"the leading input_token_logprobs entry should have a null logprob, got {itl[0][0]!r}"
+        )
+    echoed = [e[1] for e in itl]
+    if echoed != ids[start:]:
+        j = next(
+            (k for k, (a, b) in enumerate(zip(echoed, ids[start:], strict=False)) if a != b),
+            min(len(echoed), L - start),
+        )
+        got = echoed[j] if j < len(echoed) else None
+        raise _ItemError(f"echoed token id at position {start + j} is {got!r}, sent {ids[start + j]}")
+    vals = [e[0] for e in itl[1:]]
+    try:
+        lps = np.array(vals, dtype=np.float64)
+    except (TypeError, ValueError):
+        j = next(k for k, v in enumerate(vals) if not isinstance(v, (int, float)) or isinstance(v, bool))
+        raise _ItemError(f"logprob at position {rs + j} is {vals[j]!r}, expected a number") from None
+    _check_lps(lps, "logprob at response offset")
+    top = None
+    if top_k > 0:
+        itop = meta.get("input_top_logprobs")
+        if not isinstance(itop, list) or len(itop) != len(itl):
+            got = len(itop) if isinstance(itop, list) else type(itop).__name__
+            raise _ItemError(
+                f"input_top_logprobs has {got} entries, expected {len(itl)} (top_logprobs_num={top_k})"
+            )
+        top = []
+        for j, entry in enumerate(itop[1:]):
+            if not isinstance(entry, list) or not 1 <= len(entry) <= top_k:
+                raise _ItemError(f"input_top_logprobs at response offset {j} should list 1..{top_k} entries")
+            t_lps = np.array([e[0] for e in entry], dtype=np.float64)
+            _check_lps(t_lps, f"top-k logprob at response offset {j}, rank")
+            top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
+    return lps.astype(np.float32), top
+
+
+# ---------------------------------------------------------------------- sync wrapper
+
+
+class SyncTeacherClient:
+    """Blocking wrapper: the same surface as :class:`TeacherClient`, for code without an event loop.
+
+    It runs one private event loop in a daemon thread and submits every call to it, so it is safe to use
+    from any thread (including from inside a running event loop's thread, which ``asyncio.run`` is not)
+    and it keeps the connection pool alive across calls.
+
+    Args:
+        urls, **kwargs: as for :class:`TeacherClient`.
+    """
+
+    def __init__(self, urls: str | Sequence[str], **kwargs: Any) -> None:
+        self.client = TeacherClient(urls, **kwargs)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="teacher-client-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("SyncTeacherClient is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def score(self, input_ids: Sequence[int], response_start: int) -> TeacherScores:
+        """Blocking :meth:`TeacherClient.score`."""
+        return self._run(self.client.score(input_ids, response_start))
+
+    def score_many(self, items: Sequence[tuple[Sequence[int], int]]) -> list[TeacherScores]:
+        """Blocking :meth:`TeacherClient.score_many`."""
+        return self._run(self.client.score_many(items))
+
+    def health(self) -> dict[str, bool]:
+        """Blocking :meth:`TeacherClient.health`."""
+        return self._run(self.client.health())
+
+    def model_info(self) -> dict:
+        """Blocking :meth:`TeacherClient.model_info`."""
+        return self._run(self.client.model_info())
+
+    def server_info(self) -> dict:
+        """Blocking :meth:`TeacherClient.server_info`."""
+        return self._run(self.client.server_info())
+
+    def stats(self) -> dict[str, float]:
+        """:meth:`TeacherClient.stats`."""
+        return self.client.stats()
+
+    def endpoint_stats(self) -> dict[str, dict[str, float]]:
+        """:meth:`TeacherClient.endpoint_stats`."""
+        return self.client.endpoint_stats()
+
+    def reset_stats(self) -> None:
+        """:meth:`TeacherClient.reset_stats`."""
+        self.client.reset_stats()
+
+    def close(self) -> None:
+        """Close the pool and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self.client.aclose(), self._loop).result(timeout=10)
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    def __enter__(self) -> SyncTeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort: do not leave a thread behind
+        if not getattr(self, "_closed", True):
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:
+                pass
