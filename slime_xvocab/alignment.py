@@ -191,12 +191,23 @@ class AlignmentStats:
 def _cut_points(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Byte positions after which this side can be cut: every token before ends there or earlier and
     every token after starts there or later. Spans may overlap (pieces of one character share a span)."""
+    lo, _ = _cut_intervals(starts, ends, None)
+    return lo
+
+
+def _cut_intervals(starts: np.ndarray, ends: np.ndarray, last: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`_cut_points`, but each cut may sit anywhere in ``[lo, hi]``: the gap between one token's
+    end and the next token's start (bytes an offset mapping leaves out, e.g. a combining accent composed
+    into the previous character, or a space the tokenizer trimmed). The gap after the final token reaches
+    ``last`` (the end of what this side encoded)."""
     if not len(ends):
-        return np.zeros(0, dtype=np.int64)
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
     prefix_max_end = np.maximum.accumulate(ends)
     suffix_min_start = np.minimum.accumulate(starts[::-1])[::-1]
-    next_start = np.append(suffix_min_start[1:], np.iinfo(np.int64).max)
-    return np.unique(prefix_max_end[prefix_max_end <= next_start])
+    next_start = np.append(suffix_min_start[1:], max(int(prefix_max_end[-1]), last or 0))
+    mask = prefix_max_end <= next_start
+    return prefix_max_end[mask], next_start[mask]
 
 
 def align_spans(
@@ -204,6 +215,7 @@ def align_spans(
     teacher_spans: np.ndarray,
     *,
     invalid_bytes: np.ndarray | None = None,
+    teacher_end: int | None = None,
     tail_reason: Unaligned = Unaligned.TEACHER_CONTEXT,
 ) -> Alignment:
     """Partition two tokenizations of one byte string into the finest chunks with shared boundaries.
@@ -216,6 +228,9 @@ def align_spans(
             gaps (bytes the teacher's normaliser dropped) or stop early (teacher context limit).
         invalid_bytes: optional bool ``[n_bytes]``: bytes the teacher could not see as text; chunks that
             contain one are left unaligned (reason ``INVALID_UTF8``).
+        teacher_end: the byte position up to which the teacher encoded the text (default: the end of its
+            last span). Bytes between the last teacher span and ``teacher_end`` (dropped by its
+            normaliser) still belong to the final chunk; bytes after it were never seen by the teacher.
         tail_reason: reason given to student tokens after the last shared boundary.
 
     Returns:
@@ -243,7 +258,15 @@ def align_spans(
 
     s_start, s_end = s[s_idx, 0], s[s_idx, 1]
     t_start, t_end = t[t_idx, 0], t[t_idx, 1]
-    cuts = np.intersect1d(_cut_points(s_start, s_end), _cut_points(t_start, t_end), assume_unique=True)
+    # A student cut is shared if it falls inside one of the teacher's cut intervals.
+    s_cuts = _cut_points(s_start, s_end)
+    t_lo, t_hi = _cut_intervals(t_start, t_end, teacher_end)
+    k = np.searchsorted(t_hi, s_cuts, side="left")
+    shared = k < len(t_hi)
+    shared[shared] &= t_lo[k[shared]] <= s_cuts[shared]
+    cuts, k = s_cuts[shared], k[shared]
+    # One cut per teacher gap: the last, so the gap's bytes join the chunk of the token before it.
+    cuts = cuts[np.append(k[1:] != k[:-1], True)] if len(cuts) else cuts
     # The region before the first text byte is not a chunk: chunk k spans (cuts[k-1], cuts[k]].
     cuts = cuts[cuts > min(s_start[0], t_start[0])]
 
@@ -462,13 +485,16 @@ def align_response(
     """
     data = student_table.bytes_of(student_ids)
     encoding = encode_bytes(teacher_tokenizer, teacher_table, data)
+    teacher_end = len(data)
     if max_teacher_tokens is not None and len(encoding.ids) > max_teacher_tokens:
         keep = max(0, max_teacher_tokens)
+        teacher_end = int(encoding.spans[:keep, 1].max()) if keep else 0
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
     alignment = align_spans(
         response_spans(student_ids, student_table),
         encoding.spans,
         invalid_bytes=encoding.invalid_bytes,
+        teacher_end=teacher_end,
         tail_reason=Unaligned.TEACHER_CONTEXT,
     )
     return encoding, alignment
