@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from slime_xvocab.alignment import (
     Alignment,
+    align_batch,
+    align_lengths_batch,
     Unaligned,
     align_response,
     align_spans,
@@ -307,3 +309,25 @@ def test_random_unicode_and_random_student_tokenizations(tokenizers, tables, tex
     unaligned = a.student_chunk < 0
     assert values.sum() == pytest.approx(teacher_lp[covered_t].sum() + student_lp[unaligned].sum(), abs=1e-3)
     np.testing.assert_array_equal(values[unaligned], student_lp[unaligned].astype(np.float32))
+
+
+def test_batch_alignment_equals_sample_by_sample(tokenizers, tables):
+    s_tok, s_tab, t_tok, t_tab = tokenizers["qwen3"], tables["qwen3"], tokenizers["gemma3"], tables["gemma3"]
+    s_ids = [encode_student(s_tok, text) for text in TEXTS.values()]
+    singles = [align_response(ids, s_tab, t_tok, t_tab) for ids in s_ids]
+    batch = align_batch(
+        [spans_from_lengths(s_tab.lengths_of(ids)) for ids in s_ids], [enc.spans for enc, _ in singles]
+    )
+    exact_batch = align_lengths_batch([s_tab.lengths_of(ids) for ids in s_ids],
+                                      [t_tab.lengths_of(enc.ids) for enc, _ in singles])
+    rng = np.random.default_rng(3)
+    t_lps = [-rng.random(len(enc.ids)) for enc, _ in singles]
+    s_lps = [-rng.random(len(ids)) for ids in s_ids]
+    values = batch.assign_credit(t_lps, s_lps)
+    for i, (_, single) in enumerate(singles):
+        for got in (batch[i], exact_batch[i]):
+            np.testing.assert_array_equal(got.student_chunk, single.student_chunk)
+            np.testing.assert_array_equal(got.teacher_chunk, single.teacher_chunk)
+            np.testing.assert_array_equal(got.reason, single.reason)
+        assert batch.stats()[i] == single.stats()
+        np.testing.assert_array_equal(values[i], assign_credit(single, t_lps[i], s_lps[i]))
