@@ -53,9 +53,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Coroutine, Sequence
@@ -98,8 +100,16 @@ RETRY_STATUSES = frozenset({408, 429})
 FAILURE_KINDS = ("timeout", "connection", "5xx", "4xx", "bad_response")
 #: How many recent call latencies the percentiles are computed over.
 LATENCY_WINDOW = 65536
+#: Connections per httpx pool; ``max_concurrency`` is spread over ceil(max_concurrency / this) pools.
+POOL_SHARD_CONNECTIONS = 4
 
 T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """One shared TLS context: building one costs ~30 ms, and every httpx pool would build its own."""
+    return ssl.create_default_context()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -335,7 +345,8 @@ class TeacherClient:
         # uses them, so both are (re)created lazily when the client is used from a different loop.
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sem: asyncio.Semaphore | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._pools: list[httpx.AsyncClient] = []
+        self._pool_load: list[int] = []
         self._headers = {"Content-Type": "application/json"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -344,28 +355,36 @@ class TeacherClient:
 
     # ------------------------------------------------------------------ resources
 
-    def _resources(self) -> tuple[asyncio.Semaphore, httpx.AsyncClient]:
+    def _resources(self) -> tuple[asyncio.Semaphore, list[httpx.AsyncClient]]:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._http is None or self._sem is None:
+        if self._loop is not loop or not self._pools or self._sem is None:
             # A pool made on another (possibly closed) loop cannot be awaited here; it is dropped.
             self._loop = loop
             self._sem = asyncio.Semaphore(self.max_concurrency)
-            self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s, pool=None),
-                limits=httpx.Limits(
-                    max_connections=self.max_concurrency,
-                    max_keepalive_connections=self.max_concurrency,
-                    keepalive_expiry=30.0,
-                ),
-                headers=self._headers,
-                trust_env=self.trust_env,
-            )
-        return self._sem, self._http
+            # Several small pools instead of one big one: httpcore scans (and polls the socket of) every
+            # connection of a pool on each request, which costs O(connections) per request; shards of
+            # POOL_SHARD_CONNECTIONS keep that constant (4x more sequences/s at 32 in flight).
+            n_pools = -(-self.max_concurrency // POOL_SHARD_CONNECTIONS)
+            per_pool = -(-self.max_concurrency // n_pools)
+            self._pools = [
+                httpx.AsyncClient(
+                    timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s, pool=None),
+                    limits=httpx.Limits(
+                        max_connections=per_pool, max_keepalive_connections=per_pool, keepalive_expiry=30.0
+                    ),
+                    headers=self._headers,
+                    trust_env=self.trust_env,
+                    verify=_ssl_context(),
+                )
+                for _ in range(n_pools)
+            ]
+            self._pool_load = [0] * n_pools
+        return self._sem, self._pools
 
     async def aclose(self) -> None:
-        """Close the connection pool (safe to call twice; the client reopens one if used again)."""
-        http, self._http = self._http, None
-        if http is not None:
+        """Close the connection pools (safe to call twice; the client reopens them if used again)."""
+        pools, self._pools = self._pools, []
+        for http in pools:
             try:
                 await http.aclose()
             except RuntimeError:  # created on another, closed loop
@@ -516,7 +535,8 @@ class TeacherClient:
         Returns:
             ``{generate_url: healthy}``; healthy means HTTP 200 within ``timeout_s``.
         """
-        _, http = self._resources()
+        _, pools = self._resources()
+        http = pools[0]
 
         async def one(ep: _Endpoint) -> bool:
             try:
@@ -549,7 +569,8 @@ class TeacherClient:
     # ------------------------------------------------------------------ internals
 
     async def _get_info(self, paths: tuple[str, ...]) -> dict:
-        _, http = self._resources()
+        _, pools = self._resources()
+        http = pools[0]
         problems = []
         for ep in self._ordered_endpoints():
             for path in paths:
@@ -611,7 +632,7 @@ class TeacherClient:
     async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
         """Send one request for ``items`` with retries; return validated scores."""
         body = _dumps(build_request(items, self.top_logprobs))
-        sem, http = self._resources()
+        sem, pools = self._resources()
         t0 = time.perf_counter()
         tried: set[str] = set()
         attempts = 0
@@ -626,7 +647,13 @@ class TeacherClient:
                 self._counts["retries"] += 1
             try:
                 async with sem:
-                    data = await self._post(http, ep, body)
+                    shard = self._pool_load.index(min(self._pool_load))  # least-loaded pool
+                    self._pool_load[shard] += 1
+                    try:
+                        data = await self._post(pools[shard], ep, body)
+                    finally:
+                        if shard < len(self._pool_load):
+                            self._pool_load[shard] -= 1
                 parsed = _parse_answer(data, items, ep.url, self.top_logprobs)
             except _AttemptFailed as e:
                 last = e
@@ -772,11 +799,13 @@ class _ItemError(Exception):
     pass
 
 
-def _check_lps(lps: np.ndarray, what: str) -> None:
+def _check_lps(lps: np.ndarray, raw: list, what: str) -> None:
+    """Every value finite and <= 0. ``np.array([None], float)`` is nan, so nulls are caught here too."""
     bad = ~np.isfinite(lps) | (lps > LOGPROB_EPS)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
-        raise _ItemError(f"{what} {j} is {lps[j]!r}; log-probs must be finite and <= 0")
+        got = "null" if raw[j] is None else repr(raw[j])
+        raise _ItemError(f"{what} {j} is {got}; log-probs must be finite numbers <= 0")
 
 
 def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None]:
@@ -816,8 +845,8 @@ def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarr
         lps = np.array(vals, dtype=np.float64)
     except (TypeError, ValueError):
         j = next(k for k, v in enumerate(vals) if not isinstance(v, (int, float)) or isinstance(v, bool))
-        raise _ItemError(f"logprob at position {rs + j} is {vals[j]!r}, expected a number") from None
-    _check_lps(lps, "logprob at response offset")
+        raise _ItemError(f"logprob at response offset {j} is {vals[j]!r}, expected a number") from None
+    _check_lps(lps, vals, "logprob at response offset")
     top = None
     if top_k > 0:
         itop = meta.get("input_top_logprobs")
@@ -830,8 +859,9 @@ def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarr
         for j, entry in enumerate(itop[1:]):
             if not isinstance(entry, list) or not 1 <= len(entry) <= top_k:
                 raise _ItemError(f"input_top_logprobs at response offset {j} should list 1..{top_k} entries")
-            t_lps = np.array([e[0] for e in entry], dtype=np.float64)
-            _check_lps(t_lps, f"top-k logprob at response offset {j}, rank")
+            t_raw = [e[0] for e in entry]
+            t_lps = np.array(t_raw, dtype=np.float64)
+            _check_lps(t_lps, t_raw, f"top-k logprob at response offset {j}, rank")
             top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
     return lps.astype(np.float32), top
 

@@ -1,0 +1,524 @@
+"""TeacherClient against a real fault-injecting HTTP server on 127.0.0.1 (aiohttp in a thread).
+
+The fault server answers like SGLang's prefill-only /generate, and can be scripted per request to fail in
+every way the client must handle: 5xx bursts, slow answers, connection resets, malformed or wrong answers,
+each error envelope. Nothing wrong may silently become log-probs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+
+import numpy as np
+import pytest
+from aiohttp import web
+
+from slime_xvocab.errors import (
+    SampleError,
+    TeacherBadResponse,
+    TeacherRequestRejected,
+    TeacherTimeout,
+    TeacherUnavailable,
+)
+from slime_xvocab.teacher_client import (
+    SyncTeacherClient,
+    TeacherClient,
+    build_request,
+    normalize_url,
+    parse_error_message,
+)
+
+
+def fake_lp(token: int, pos: int) -> float:
+    """The fault server's (deterministic) log-prob of ``token`` at position ``pos``."""
+    return -(1.0 + (token % 7) * 0.1 + pos * 0.001)
+
+
+def expected_lps(ids: list[int], response_start: int) -> np.ndarray:
+    return np.array([fake_lp(t, k) for k, t in enumerate(ids)][response_start:], dtype=np.float32)
+
+
+def _answer(ids: list[int], start: int, top_k: int, action: str) -> dict:
+    L = len(ids)
+    itl = [[None, ids[start], None]] + [[fake_lp(ids[k], k), ids[k], None] for k in range(start + 1, L)]
+    meta = {"id": "x", "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": L}
+    if action == "short":
+        itl = itl[:-1]
+    elif action == "ids":
+        itl[-1][1] = itl[-1][1] + 1
+    elif action == "truncate":  # what --allow-auto-truncate would do: drop the tail, report fewer tokens
+        meta["prompt_tokens"] = L - 1
+        itl = itl[:-1]
+    elif action == "positive":
+        itl[-1][0] = 0.5
+    elif action == "null":
+        itl[-1][0] = None
+    elif action == "leading":
+        itl[0][0] = -1.0
+    meta["input_token_logprobs"] = itl
+    if top_k:
+        top = [None] + [[[fake_lp(j, k), j, None] for j in range(top_k)] for k in range(start + 1, L)]
+        if action == "top_short":
+            top = top[:-1]
+        meta["input_top_logprobs"] = top
+    meta.update(output_token_logprobs=[], completion_tokens=0, cached_tokens=0, e2e_latency=0.0)
+    return {"text": "", "output_ids": [], "meta_info": meta}
+
+
+class FaultServer:
+    """A scripted SGLang look-alike. ``script`` holds one action per incoming request (then ``default``)."""
+
+    def __init__(self, default: str = "ok") -> None:
+        self.script: list = []
+        self.default = default
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies: list[dict] = []
+        self.headers: list[dict] = []
+        self.delay_s = 0.0
+        self.slow_s = 2.0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/generate", self._generate)
+        app.router.add_get("/health_generate", self._health)
+        app.router.add_get("/server_info", self._info)
+        self._runner = web.AppRunner(app, access_log=None)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.default != "down" else 503)
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"context_length": 64, "max_req_input_len": 57, "tp_size": 1})
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        self.requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            action = self.script.pop(0) if self.script else self.default
+            body = await request.json()
+            self.bodies.append(body)
+            self.headers.append(dict(request.headers))
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            if isinstance(action, tuple):  # ("status", code, body)
+                _, code, payload = action
+                text = payload if isinstance(payload, str) else json.dumps(payload)
+                return web.Response(status=code, text=text, content_type="application/json")
+            if action == "slow":
+                await asyncio.sleep(self.slow_s)
+                action = "ok"
+            if action == "reset":
+                request.transport.abort()
+                return web.Response(status=200)
+            if action == "malformed":
+                return web.Response(status=200, text='{"meta_info": {', content_type="application/json")
+            ids, starts = body["input_ids"], body["logprob_start_len"]
+            top_k = body.get("top_logprobs_num", 0)
+            if ids and isinstance(ids[0], list):
+                answers = [_answer(i, s, top_k, "ok") for i, s in zip(ids, starts, strict=True)]
+                if action == "batch_short":
+                    answers = answers[:-1]
+                elif action != "ok":
+                    answers[-1] = _answer(ids[-1], starts[-1], top_k, action)
+                return web.json_response(answers)
+            return web.json_response(_answer(ids, starts, top_k, action))
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def server2():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+def dead_url() -> str:
+    """A loopback URL where nothing listens (connection refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+IDS = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]
+
+
+def client(url, **kw) -> SyncTeacherClient:
+    kw.setdefault("backoff_s", 0.001)
+    kw.setdefault("max_backoff_s", 0.01)
+    kw.setdefault("timeout_s", 5.0)
+    kw.setdefault("trust_env", False)
+    return SyncTeacherClient(url, **kw)
+
+
+# ---------------------------------------------------------------------------- happy path and the request
+
+
+def test_score_returns_response_log_probs_and_sends_the_documented_request(server):
+    with client(server.url) as c:
+        s = c.score(IDS, 6)
+        assert s.log_probs.dtype == np.float32 and s.log_probs.shape == (4,)
+        np.testing.assert_allclose(s.log_probs, expected_lps(IDS, 6), rtol=0, atol=1e-6)
+        assert s.attempts == 1 and s.url == server.url + "/generate" and s.top_log_probs is None
+        st = c.stats()
+    assert server.bodies[0] == {
+        "input_ids": IDS,
+        "logprob_start_len": 5,
+        "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False},
+        "return_logprob": True,
+    }
+    assert st["requests"] == 1 and st["sequences"] == 1 and st["retries"] == 0 and st["errors"] == 0
+
+
+def test_response_start_at_end_gives_empty_scores(server):
+    with client(server.url) as c:
+        assert c.score(IDS, len(IDS)).log_probs.shape == (0,)
+
+
+def test_numpy_input_ids_and_top_logprobs(server):
+    with client(server.url, top_logprobs=3) as c:
+        s = c.score(np.array(IDS, dtype=np.int32), 7)
+    assert server.bodies[0]["top_logprobs_num"] == 3
+    assert len(s.top_log_probs) == 3
+    ids, lps = s.top_log_probs[0]
+    assert ids.dtype == np.int64 and lps.dtype == np.float32
+    np.testing.assert_array_equal(ids, [0, 1, 2])
+    np.testing.assert_allclose(lps, [fake_lp(j, 7) for j in range(3)], atol=1e-6)
+
+
+def test_url_normalisation_and_error_envelopes():
+    assert normalize_url("http://h:1") == "http://h:1/generate"
+    assert normalize_url("http://h:1/") == "http://h:1/generate"
+    assert normalize_url("http://h:1/generate/") == "http://h:1/generate"
+    with pytest.raises(ValueError, match="http://"):
+        normalize_url("h:1")
+    assert (
+        parse_error_message(b'{"error": {"message": "input_ids cannot be empty."}}')
+        == "input_ids cannot be empty."
+    )
+    assert parse_error_message('{"error": "unknown field `foo`"}') == "unknown field `foo`"
+    body = {"object": "error", "message": "bad types", "type": "Bad Request", "param": None, "code": 400}
+    assert parse_error_message(json.dumps(body)) == "bad types"
+    assert parse_error_message(b"<html>502 Bad Gateway</html>") == "<html>502 Bad Gateway</html>"
+    assert parse_error_message(b"") == "<empty body>"
+    assert build_request([([1, 2], 1), ([3, 4, 5], 2)], top_logprobs=2)["logprob_start_len"] == [0, 1]
+
+
+# ---------------------------------------------------------------------------- client-side rejection
+
+
+def test_over_long_and_invalid_inputs_are_rejected_before_sending(server):
+    with client(server.url, max_input_tokens=8) as c:
+        with pytest.raises(SampleError, match="10 tokens, more than the teacher's limit max_input_tokens=8"):
+            c.score(IDS, 5)
+        with pytest.raises(SampleError, match="sequence 1: input has 10 tokens"):
+            c.score_many([(IDS[:5], 2), (IDS, 5)])  # validated as a whole: nothing is sent
+        with pytest.raises(SampleError, match="teacher prompt cannot be empty"):
+            c.score(IDS[:4], 0)
+        with pytest.raises(SampleError, match="past the end"):
+            c.score(IDS[:4], 5)
+        with pytest.raises(SampleError, match="negative token id"):
+            c.score([1, -2, 3], 1)
+        with pytest.raises(SampleError, match="integer token ids"):
+            c.score([[1, 2], [3, 4]], 1)
+        assert c.stats()["requests"] == 0
+    assert server.requests == 0
+
+
+# ---------------------------------------------------------------------------- retries
+
+
+def test_5xx_burst_is_retried_then_succeeds(server):
+    server.script = [
+        ("status", 503, {"error": {"message": "overloaded"}}),
+        ("status", 500, "boom"),
+        ("status", 502, ""),
+    ]
+    with client(server.url, max_retries=3) as c:
+        s = c.score(IDS, 5)
+        st = c.stats()
+    np.testing.assert_allclose(s.log_probs, expected_lps(IDS, 5), atol=1e-6)
+    assert s.attempts == 4 and server.requests == 4
+    assert st["requests"] == 4 and st["retries"] == 3 and st["failures_5xx"] == 3 and st["errors"] == 0
+
+
+def test_5xx_forever_raises_unavailable_naming_url_and_message(server):
+    server.default = ("status", 503, {"error": {"message": "KV cache full"}})
+    with client(server.url, max_retries=2) as c:
+        with pytest.raises(TeacherUnavailable, match="KV cache full") as ei:
+            c.score(IDS, 5)
+        st = c.stats()
+    assert server.url in str(ei.value) and "3 attempt(s)" in str(ei.value)
+    assert server.requests == 3 and st["failures_5xx"] == 3 and st["errors"] == 1 and st["sequences"] == 0
+
+
+@pytest.mark.parametrize("code", [408, 429])
+def test_408_and_429_are_retried(server, code):
+    server.script = [("status", code, {"error": "slow down"})]
+    with client(server.url) as c:
+        assert c.score(IDS, 5).attempts == 2
+        assert c.stats()["failures_4xx"] == 1
+
+
+def test_slow_answer_times_out_and_is_retried(server):
+    server.script = ["slow"]
+    with client(server.url, timeout_s=0.3, max_retries=1) as c:
+        s = c.score(IDS, 5)
+        assert s.attempts == 2 and c.stats()["failures_timeout"] == 1
+    server.default = "slow"
+    with client(server.url, timeout_s=0.3, max_retries=1) as c:
+        with pytest.raises(TeacherTimeout, match="timeout_s=0.3"):
+            c.score(IDS, 5)
+        assert c.stats()["failures_timeout"] == 2 and c.stats()["errors"] == 1
+
+
+def test_connection_reset_is_retried(server):
+    server.script = ["reset", "reset"]
+    with client(server.url, max_retries=2) as c:
+        s = c.score(IDS, 5)
+        st = c.stats()
+    np.testing.assert_allclose(s.log_probs, expected_lps(IDS, 5), atol=1e-6)
+    assert s.attempts == 3 and st["failures_connection"] == 2
+    server.default = "reset"
+    with client(server.url, max_retries=1) as c:
+        with pytest.raises(TeacherUnavailable, match="connection|Disconnected|Error"):
+            c.score(IDS, 5)
+
+
+def test_connection_refused_raises_unavailable():
+    url = dead_url()
+    with client(url, max_retries=1) as c:
+        with pytest.raises(TeacherUnavailable, match="health_generate"):
+            c.score(IDS, 5)
+        assert c.stats()["failures_connection"] == 2
+
+
+# ---------------------------------------------------------------------------- rejections and bad answers
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {
+            "error": {
+                "message": "The input (900 tokens) is longer than the model's context length (512 tokens)."
+            }
+        },
+        {"error": "The input (900 tokens) is longer than the model's context length (512 tokens)."},
+        {
+            "object": "error",
+            "message": "The input (900 tokens) is longer than the model's context length (512 tokens).",
+            "type": "Bad Request",
+            "param": None,
+            "code": 400,
+        },
+    ],
+    ids=["error-object", "error-string", "object-error"],
+)
+def test_4xx_is_raised_at_once_with_the_servers_message(server, body):
+    server.script = [("status", 400, body)]
+    with client(server.url) as c:
+        with pytest.raises(TeacherRequestRejected, match=r"HTTP 400: The input \(900 tokens\) is longer"):
+            c.score(IDS, 5)
+        st = c.stats()
+    assert server.requests == 1 and st["failures_4xx"] == 1 and st["retries"] == 0
+
+
+def test_401_hints_at_the_api_key(server):
+    server.script = [("status", 401, {"error": {"message": "Unauthorized"}})]
+    with client(server.url, api_key="s3cret") as c:
+        with pytest.raises(TeacherRequestRejected, match="check api_key"):
+            c.score(IDS, 5)
+    assert server.headers[0]["Authorization"] == "Bearer s3cret"
+
+
+@pytest.mark.parametrize(
+    "action, message",
+    [
+        ("malformed", "not JSON"),
+        ("short", "len(input_token_logprobs)=4 but prompt_tokens - logprob_start_len = 10 - 5 = 5"),
+        ("ids", "echoed token id at position 9 is 39, sent 38"),
+        ("truncate", "prompt_tokens=9 but 10 input ids were sent"),
+        ("positive", "offset 3 is 0.5; log-probs must be finite numbers <= 0"),
+        ("null", "offset 3 is null"),
+        ("leading", "leading input_token_logprobs entry should have a null logprob"),
+        (("status", 200, "[1, 2]"), "expected an object with 'meta_info'"),
+    ],
+)
+def test_bad_answers_raise_bad_response_and_are_not_used(server, action, message):
+    server.script = [action]
+    with client(server.url) as c:
+        with pytest.raises(TeacherBadResponse, match=message.replace("(", r"\(").replace(")", r"\)")) as ei:
+            c.score(IDS, 6)
+        st = c.stats()
+    assert server.url in str(ei.value)
+    assert (
+        server.requests == 1
+        and st["failures_bad_response"] == 1
+        and st["sequences"] == 0
+        and st["errors"] == 1
+    )
+
+
+def test_bad_answers_can_be_retried_when_asked(server):
+    server.script = ["ids"]
+    with client(server.url, retry_bad_responses=True) as c:
+        assert c.score(IDS, 6).attempts == 2
+        assert c.stats()["failures_bad_response"] == 1
+
+
+def test_bad_top_logprobs_are_caught(server):
+    server.script = ["top_short"]
+    with client(server.url, top_logprobs=2) as c:
+        with pytest.raises(TeacherBadResponse, match="input_top_logprobs has 4 entries, expected 5"):
+            c.score(IDS, 6)
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def test_batching_packs_requests_and_keeps_order(server):
+    items = [(IDS[: 4 + i % 6], 1 + i % 3) for i in range(10)]
+    with client(server.url, batch_size=4) as c:
+        out = c.score_many(items)
+        st = c.stats()
+    assert [len(b["input_ids"]) for b in server.bodies] == [4, 4, 2]
+    assert server.bodies[0]["logprob_start_len"] == [0, 1, 2, 0]
+    for s, (ids, rs) in zip(out, items, strict=True):
+        np.testing.assert_allclose(s.log_probs, expected_lps(ids, rs), atol=1e-6)
+    assert st["requests"] == 3 and st["sequences"] == 10
+
+
+@pytest.mark.parametrize(
+    "action, message", [("batch_short", "batch answer has 1 items, 2 sequences"), ("ids", "answer item 1")]
+)
+def test_bad_batch_answer_names_the_item(server, action, message):
+    server.script = [action]
+    with client(server.url, batch_size=2) as c:
+        with pytest.raises(TeacherBadResponse, match=message):
+            c.score_many([(IDS, 5), (IDS, 7)])
+
+
+# ------------------------------------------------------------------------ balancing, failover, concurrency
+
+
+def test_round_robin_over_two_endpoints(server, server2):
+    with client([server.url, server2.url + "/generate"]) as c:
+        for _ in range(10):
+            c.score(IDS, 5)
+        eps = c.endpoint_stats()
+    assert server.requests == 5 and server2.requests == 5
+    assert all(v["requests"] == 5 and v["healthy"] == 1.0 for v in eps.values())
+
+
+def test_failover_to_healthy_endpoint_and_cooldown(server):
+    dead = dead_url()
+    with client([dead, server.url], max_retries=2, cooldown_s=60) as c:
+        outs = [c.score(IDS, 5) for _ in range(8)]
+        st, eps = c.stats(), c.endpoint_stats()
+    assert all(o.url == server.url + "/generate" for o in outs)
+    # the dead endpoint was tried once, then skipped while cooling down
+    assert eps[dead + "/generate"]["requests"] == 1 and eps[dead + "/generate"]["healthy"] == 0.0
+    assert st["failures_connection"] == 1 and st["sequences"] == 8 and st["errors"] == 0
+    assert server.requests == 8
+
+
+def test_failover_on_5xx_endpoint(server, server2):
+    server.default = ("status", 500, {"error": {"message": "worker died"}})
+    with client([server.url, server2.url], cooldown_s=60) as c:
+        outs = [c.score(IDS, 5) for _ in range(6)]  # sequential: the first failure sets the cooldown
+        outs += c.score_many([(IDS, 5)] * 6)
+    assert {o.url for o in outs} == {server2.url + "/generate"}
+    assert server.requests == 1
+
+
+def test_all_endpoints_down_tries_anyway_and_reports():
+    urls = [dead_url(), dead_url()]
+    with client(urls, max_retries=3, cooldown_s=60) as c:
+        with pytest.raises(TeacherUnavailable, match="4 attempt"):
+            c.score(IDS, 5)
+        st = c.stats()
+    assert st["all_endpoints_down"] >= 2 and st["failures_connection"] == 4
+
+
+def test_health_marks_endpoints(server):
+    dead = dead_url()
+    with client([server.url, dead]) as c:
+        assert c.health() == {server.url + "/generate": True, dead + "/generate": False}
+        assert c.server_info()["max_req_input_len"] == 57
+
+
+def test_concurrency_limit_is_respected(server):
+    server.delay_s = 0.05
+    with client(server.url, max_concurrency=3) as c:
+        out = c.score_many([(IDS, 5)] * 24)
+    assert len(out) == 24 and server.requests == 24
+    assert server.max_in_flight == 3
+
+
+def test_async_client_works_across_event_loops(server):
+    c = TeacherClient(server.url, max_concurrency=2, trust_env=False)
+
+    async def run() -> list:
+        async with c:
+            return await c.score_many([(IDS, 5)] * 4)
+
+    assert len(asyncio.run(run())) == 4
+    assert len(asyncio.run(run())) == 4  # a new loop gets a new semaphore and pool
+    assert c.stats()["sequences"] == 8
+
+
+# ---------------------------------------------------------------------------- stats
+
+
+def test_stats_latency_percentiles_and_reset(server):
+    with client(server.url) as c:
+        outs = [c.score(IDS, 5) for _ in range(7)]
+        st = c.stats()
+        lat = np.array([o.latency_s for o in outs])
+        assert st["latency_p50_s"] == pytest.approx(np.percentile(lat, 50))
+        assert st["latency_p99_s"] == pytest.approx(np.percentile(lat, 99))
+        assert st["latency_mean_s"] == pytest.approx(lat.mean())
+        assert st["bytes_sent"] > 0 and st["bytes_received"] > st["bytes_sent"]
+        c.reset_stats()
+        st = c.stats()
+    assert all(v == 0 for v in st.values())
+
+
+def test_client_settings_are_validated():
+    with pytest.raises(ValueError, match="at least one teacher URL"):
+        TeacherClient([])
+    with pytest.raises(ValueError, match="max_concurrency=0"):
+        TeacherClient("http://x:1", max_concurrency=0)
