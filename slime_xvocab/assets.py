@@ -182,7 +182,7 @@ def tokenizer_dir(name: str) -> Path:
     return _publish(tmp, final)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer(name: str):
     """Load (and cache in memory) the real tokenizer of family ``name``; see :data:`TOKENIZERS`."""
     from transformers import AutoTokenizer
