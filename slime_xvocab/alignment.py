@@ -38,7 +38,7 @@ from enum import IntEnum
 import numpy as np
 
 from .errors import ByteMismatchError, SampleError
-from .token_bytes import TokenBytes
+from .token_bytes import TokenBytes, tokenizer_lock
 
 CREDIT_MODES = ("chunk", "exact")
 CHUNK_SPLITS = ("uniform", "proportional")
@@ -647,8 +647,8 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
     """Encode bytes with the teacher's tokenizer as plain text and locate every token in those bytes.
 
     Text that looks like a special token (``<|eot_id|>`` written in prose) stays text
-    (``split_special_tokens=True``). If the tokenizer adds a dummy prefix (a lone leading ``▁`` token)
-    that the bytes do not have, it is dropped. When the teacher's tokens spell the bytes exactly, spans
+    (``split_special_tokens=True``). A tokenizer's dummy-prefix space is not added (the bytes continue
+    the teacher's prompt; see :func:`_encode_continuation`). When the teacher's tokens spell the bytes exactly, spans
     are byte-precise; when its normaliser changed the text (Qwen3 composes NFD accents, Gemma-3 rewrites
     some characters), spans come from the offset mapping, which points back into the original text.
     """
@@ -656,19 +656,43 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
     if not text:
         empty = np.zeros(0, dtype=np.int64)
         return TeacherEncoding(empty, empty.reshape(0, 2), True, invalid)
-    enc = teacher_tokenizer(
-        text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True
-    )
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    with tokenizer_lock(teacher_tokenizer):
+        ids, offsets = _encode_continuation(teacher_tokenizer, teacher_table, text)
     lengths = teacher_table.lengths_of(ids)
-    if teacher_table.adds_dummy_prefix and len(ids) and not data.startswith(b" "):
-        if teacher_table.bytes_of(ids[:1]) == b" ":
-            ids, offsets, lengths = ids[1:], offsets[1:], lengths[1:]
     if not invalid.any() and teacher_table.bytes_of(ids) == data:
         return TeacherEncoding(ids, spans_from_lengths(lengths), True, invalid)
     spans = char_starts[np.clip(offsets, 0, len(text))]
     return TeacherEncoding(ids, spans, False, invalid)
+
+
+def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+    ids = np.asarray(enc["input_ids"], dtype=np.int64)
+    return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+# Encoded in front of a continuation for tokenizers that add a dummy-prefix space, then removed again.
+_ANCHOR = "\n"
+
+
+def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Encode ``text`` as the continuation of earlier text: no dummy-prefix space in front of it.
+
+    SentencePiece tokenizers with ``add_dummy_prefix`` (Llama-2, Mistral v1-v3, Phi-3) encode ``"Hello"``
+    as ``"▁Hello"``: a space the response does not have. For them the text is encoded after an anchor
+    (``"\\n"``) whose tokens are then dropped, so ``"Hello"`` stays ``"Hello"``. If a token straddles
+    the anchor, it falls back to a plain encode minus a lone leading ``"▁"`` token.
+    """
+    if not table.adds_dummy_prefix:
+        return _encode_text(tokenizer, text)
+    ids, offsets = _encode_text(tokenizer, _ANCHOR + text)
+    first = int(np.searchsorted(offsets[:, 1], len(_ANCHOR), side="right"))  # first token past the anchor
+    if first < len(ids) and offsets[first, 0] >= len(_ANCHOR) and table.bytes_of(ids[first:]) == text.encode():
+        return ids[first:], offsets[first:] - len(_ANCHOR)
+    ids, offsets = _encode_text(tokenizer, text)
+    if len(ids) and not text.startswith(" ") and table.bytes_of(ids[:1]) == b" ":
+        ids, offsets = ids[1:], offsets[1:]
+    return ids, offsets
 
 
 def response_spans(student_ids: Sequence[int] | np.ndarray, student_table: TokenBytes) -> np.ndarray:

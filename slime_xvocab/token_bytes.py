@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -233,3 +234,26 @@ def token_bytes(tokenizer) -> TokenBytes:
     except TypeError:
         _CACHE_BY_ID[id(tokenizer)] = table
     return table
+
+
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_BY_ID: dict[int, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def tokenizer_lock(tokenizer) -> threading.RLock:
+    """The (re-entrant) lock that serialises encoding calls on one tokenizer object.
+
+    A transformers (v5) fast tokenizer implements ``split_special_tokens=`` by flipping a flag on the
+    shared Rust tokenizer around the encode, so two threads that encode with different settings (a prompt
+    parses special tokens, :func:`~slime_xvocab.alignment.encode_bytes` does not) can corrupt each other's
+    ids. Every encode in slime-xvocab that may run in a worker thread holds this lock.
+    """
+    with _LOCKS_GUARD:
+        try:
+            lock = _LOCKS.get(tokenizer)
+            if lock is None:
+                lock = _LOCKS[tokenizer] = threading.RLock()
+        except TypeError:  # not weak-referenceable
+            lock = _LOCKS_BY_ID.setdefault(id(tokenizer), threading.RLock())
+        return lock
