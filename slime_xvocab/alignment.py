@@ -53,7 +53,8 @@ class Unaligned(IntEnum):
     INVALID_UTF8 = 3  # bytes that are not valid UTF-8 (e.g. a character cut by truncation)
     NO_TEACHER_TOKENS = 4  # the teacher's encoding dropped these bytes (normalisation)
     TEACHER_FAILED = 5  # the teacher could not score the sample (set by the hooks' fallback)
-    BYTE_MISMATCH = 6  # student and teacher bytes disagree here (set by the hooks' fallback)
+    BYTE_MISMATCH = 6  # student and teacher text disagree here (a teacher normaliser rewrote it)
+    INVALID_SAMPLE = 7  # the sample's input could not become a teacher view (messages, template, length)
 
 
 _REASON_NAMES = [r.name.lower() for r in Unaligned]
@@ -727,14 +728,59 @@ def align_response(
         keep = max(0, max_teacher_tokens)
         teacher_end = int(encoding.spans[:keep, 1].max()) if keep else 0
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
+    student_spans = response_spans(student_ids, student_table)
     alignment = align_spans(
-        response_spans(student_ids, student_table),
+        student_spans,
         encoding.spans,
         invalid_bytes=encoding.invalid_bytes,
         teacher_end=teacher_end,
         tail_reason=Unaligned.TEACHER_CONTEXT,
     )
+    if not encoding.exact:
+        alignment = drop_rewritten_chunks(alignment, data, student_spans, encoding.ids, teacher_table)
     return encoding, alignment
+
+
+def drop_rewritten_chunks(
+    alignment: Alignment, data: bytes, student_spans: np.ndarray, teacher_ids: np.ndarray, teacher_table: TokenBytes
+) -> Alignment:
+    """Unalign chunks whose teacher text is not the student's text up to Unicode normalisation.
+
+    Only needed when the teacher's tokens were located through its offset mapping: a normaliser that
+    composes accents (NFC) or folds compatibility characters (NFKC) is harmless, the teacher scored the
+    same text; one that deletes or replaces characters is not, and those chunks get reason
+    ``BYTE_MISMATCH`` (delta 0) instead of a teacher signal for text it never saw.
+    """
+    if not alignment.num_chunks:
+        return alignment
+    s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
+    s_lo = np.full(alignment.num_chunks, np.iinfo(np.int64).max)
+    s_hi = np.zeros(alignment.num_chunks, dtype=np.int64)
+    aligned = s_chunk >= 0
+    np.minimum.at(s_lo, s_chunk[aligned], student_spans[aligned, 0])
+    np.maximum.at(s_hi, s_chunk[aligned], student_spans[aligned, 1])
+    t_order = np.flatnonzero(t_chunk >= 0)
+    bad = []
+    for c in range(alignment.num_chunks):
+        student_text = data[s_lo[c]:s_hi[c]].decode("utf-8", errors="replace")
+        teacher_text = teacher_table.bytes_of(teacher_ids[t_order[t_chunk[t_order] == c]]).decode("utf-8", "replace")
+        if unicodedata.normalize("NFKC", student_text) != unicodedata.normalize("NFKC", teacher_text):
+            bad.append(c)
+    if not bad:
+        return alignment
+    drop = np.zeros(alignment.num_chunks + 1, dtype=bool)
+    drop[bad] = True  # index -1 reads the trailing False
+    keep = ~drop[:-1]
+    renumber = np.append(np.cumsum(keep) - 1, -1)
+    s_drop, t_drop = drop[s_chunk], drop[t_chunk]
+    reason = alignment.reason.copy()
+    reason[s_drop] = Unaligned.BYTE_MISMATCH
+    return Alignment(
+        np.where(s_drop, -1, renumber[s_chunk]),
+        np.where(t_drop, -1, renumber[t_chunk]),
+        reason,
+        int(keep.sum()),
+    )
 
 
 def align_tokens(

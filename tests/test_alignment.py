@@ -329,3 +329,25 @@ def test_batch_alignment_equals_sample_by_sample(tokenizers, tables):
             np.testing.assert_array_equal(got.reason, single.reason)
         assert batch.stats()[i] == single.stats()
         np.testing.assert_array_equal(values[i], assign_credit(single, t_lps[i], s_lps[i]))
+
+
+def test_teacher_that_deletes_text_gets_no_signal_there(tokenizers, tables):
+    """A normaliser that deletes characters (here: tabs) must not pass the teacher's score off as the
+    student's text; only the chunks it rewrote are dropped, as byte mismatches."""
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from slime_xvocab.assets import tokenizer_dir
+
+    teacher = AutoTokenizer.from_pretrained(str(tokenizer_dir("llama3_1")))
+    teacher.backend_tokenizer.normalizer = normalizers.Replace("\t", "")
+    t_tab = tables["llama3_1"]
+    s_ids = encode_student(tokenizers["qwen3"], "keep this\tdrop\tthat, fine")
+    enc, a = align_response(s_ids, tables["qwen3"], teacher, t_tab)
+    assert not enc.exact
+    reasons = a.stats().unaligned_by_reason
+    assert set(reasons) == {"byte_mismatch"}
+    assert 0 < reasons["byte_mismatch"] < len(s_ids)
+    assert a.student_chunk[0] >= 0  # "keep" still aligned
+    values = assign_credit(a, -np.ones(len(enc.ids)), -np.full(len(s_ids), 0.5))
+    np.testing.assert_array_equal(values[a.student_chunk < 0], np.float32(-0.5))

@@ -1,0 +1,720 @@
+"""slime hooks: cross-vocabulary teacher log-probs for slime's on-policy distillation (OPD).
+
+Drop-in replacements for slime's ``slime.rollout.on_policy_distillation`` hooks, plus two small ones::
+
+    --custom-rm-path                    slime_xvocab.hooks.reward_func
+    --custom-reward-post-process-path   slime_xvocab.hooks.post_process_rewards
+    --rollout-sample-hook-path          slime_xvocab.hooks.mark_evaluation
+    --custom-rollout-log-function-path  slime_xvocab.hooks.log_rollout_data
+    --use-opd --opd-type sglang --opd-kl-coef 1.0 --rollout-temperature 1
+    --custom-config-path xvocab.yaml    # xvocab_* keys, see docs/configuration.md
+
+Signatures (the ones slime calls; pinned by tests/test_hooks.py):
+
+* ``async reward_func(args, sample, **kwargs) -> float``: on slime's rollout event loop, once per sample
+  (a list of samples with ``--group-rm``). It builds the teacher's view of the sample (the raw messages in
+  ``sample.metadata[xvocab_messages_key]`` rendered with the teacher's chat template, then the student's
+  response bytes in teacher tokens), scores it on the teacher server, aligns the teacher's log-probs onto
+  the student's response tokens and sets ``sample.teacher_log_probs`` (float32, ``response_length``
+  values). Tokenisation and alignment run in a worker thread (``asyncio.to_thread``), so generation never
+  stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
+  distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
+* ``post_process_rewards(args, samples, **kwargs) -> (raw_rewards, rewards)``: once per rollout, on the
+  flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
+  ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
+* ``mark_evaluation(args, sample, *, rollout_id=None, evaluation=False) -> None``: a sample hook, the only
+  hook slime tells whether a sample is an evaluation sample; records it in ``sample.metadata["xvocab"]``.
+* ``log_rollout_data(rollout_id, args, samples, rollout_extra_metrics, rollout_time) -> bool``: logs
+  ``rollout/xvocab/*`` through slime's logger and returns False, so slime's default logging still runs.
+
+Positions that get no teacher signal keep the student's rollout log-prob exactly, so their OPD delta
+``student_lp - teacher_lp`` is zero. When student and teacher share a tokenizer, the request is slime's
+own (``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
+
+What a sample carries afterwards (plain Python values, so samples pickle across Ray actors)::
+
+    sample.teacher_log_probs            torch.float32 [response_length] (a list if torch is missing)
+    sample.metadata["xvocab"] = {"stats": {...}, "failed": bool, "error": str | None,
+                                 "evaluation": bool, "rollout_id": int | None}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import importlib
+import inspect
+import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .alignment import Alignment, Unaligned, assign_credit
+from .config import XVocabConfig
+from .errors import ByteMismatchError, ConfigError, SampleError, TeacherError, XVocabError
+from .metrics import compute_post_process_metrics, compute_rollout_metrics, sample_stats
+
+__all__ = [
+    "reward_func",
+    "post_process_rewards",
+    "mark_evaluation",
+    "log_rollout_data",
+    "normalize_group_rewards",
+    "get_config",
+    "reset",
+    "META_KEY",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Key of ``sample.metadata`` under which the hooks keep their per-sample record.
+META_KEY = "xvocab"
+#: Estimators whose task rewards slime normalises per group (mean-subtracted; the first three also / std).
+GROUP_ESTIMATORS = ("grpo", "gspo", "cispo", "reinforce_plus_plus_baseline")
+STD_ESTIMATORS = ("grpo", "gspo", "cispo")
+_LOG_FIRST_FAILURES = 5
+
+
+# ---------------------------------------------------------------------------------------------- state
+# One config / runtime per args object (slime hands every hook the same Namespace in a process; Ray
+# actors each unpickle their own copy). argparse.Namespace defines __eq__, so it is unhashable: key by id
+# and keep a weak reference to tell a recycled id from the same object.
+
+
+@dataclass
+class _Runtime:
+    config: XVocabConfig
+    builder: Any  # teacher_view.TeacherViewBuilder
+    client: Any  # teacher_client.TeacherClient
+    inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
+    failures_logged: int = 0
+
+
+_LOCK = threading.Lock()
+_CONFIGS: dict[int, tuple[Any, XVocabConfig]] = {}
+_RUNTIMES: dict[int, tuple[Any, _Runtime]] = {}
+
+
+def _ref(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return lambda: obj
+
+
+def _cached(cache: dict[int, tuple[Any, Any]], args: Any) -> Any:
+    hit = cache.get(id(args))
+    if hit is not None and hit[0]() is args:
+        return hit[1]
+    return None
+
+
+def get_config(args: Any) -> XVocabConfig:
+    """The validated :class:`XVocabConfig` of ``args``, built once per args object.
+
+    Raises:
+        ConfigError: listing every problem of the configuration.
+    """
+    config = _cached(_CONFIGS, args)
+    if config is None:
+        with _LOCK:
+            config = _cached(_CONFIGS, args)
+            if config is None:
+                config = XVocabConfig.from_args(args)
+                logger.info("slime-xvocab config: %s", config.to_dict())
+                _CONFIGS[id(args)] = (_ref(args), config)
+    return config
+
+
+def _runtime(args: Any) -> _Runtime:
+    """Tokenizers, teacher-view builder and teacher client of ``args`` (built once; call off the loop)."""
+    runtime = _cached(_RUNTIMES, args)
+    if runtime is None:
+        config = get_config(args)
+        with _LOCK:
+            runtime = _cached(_RUNTIMES, args)
+            if runtime is None:
+                runtime = _build_runtime(args, config)
+                _RUNTIMES[id(args)] = (_ref(args), runtime)
+    return runtime
+
+
+def reset(args: Any = None) -> None:
+    """Forget cached configs/runtimes (of ``args``, or all): for tests and notebooks."""
+    with _LOCK:
+        if args is None:
+            _CONFIGS.clear()
+            _RUNTIMES.clear()
+        else:
+            _CONFIGS.pop(id(args), None)
+            _RUNTIMES.pop(id(args), None)
+
+
+_TOKENIZERS: dict[tuple[str, bool], Any] = {}
+
+
+def _load_tokenizer(path: str, config: XVocabConfig, role: str) -> Any:
+    """``AutoTokenizer.from_pretrained``, once per (path, trust_remote_code) in this process (the token
+    byte tables are cached per tokenizer object, so reusing the object reuses them too)."""
+    cache_key = (path, config.trust_remote_code)
+    if cache_key not in _TOKENIZERS:
+        _TOKENIZERS[cache_key] = _load_tokenizer_uncached(path, config, role)
+    return _TOKENIZERS[cache_key]
+
+
+def _load_tokenizer_uncached(path: str, config: XVocabConfig, role: str) -> Any:
+    from transformers import AutoTokenizer
+
+    key = (
+        "xvocab_student_tokenizer (default: --hf-checkpoint)"
+        if role == "student"
+        else "xvocab_teacher_tokenizer"
+    )
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except Exception as exc:  # transformers raises OSError, ValueError, ... depending on what is wrong
+        raise ConfigError(
+            f"could not load the {role} tokenizer from {path!r} ({key}): {type(exc).__name__}: {exc}. "
+            "It must be a local Hugging Face directory (tokenizer.json / tokenizer_config.json) on the "
+            "node running slime's rollout manager, or a hub id reachable from it."
+        ) from exc
+
+
+def _student_end_ids(tokenizer: Any, spec: str | None) -> list[int] | None:
+    """Ids of ``xvocab_student_end_of_turn`` (comma-separated token strings), or None to discover them."""
+    if not spec:
+        return None
+    ids = []
+    for token in (t.strip() for t in spec.split(",")):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if not isinstance(token_id, int) or token_id < 0 or token_id == unk:
+            raise ConfigError(
+                f"xvocab_student_end_of_turn: {token!r} is not a token of the student tokenizer "
+                f"{getattr(tokenizer, 'name_or_path', '')!r}; give the exact token text, e.g. <|im_end|>"
+            )
+        ids.append(token_id)
+    return ids
+
+
+def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
+    from .teacher_client import TeacherClient
+    from .teacher_view import TeacherViewBuilder
+
+    student_tok = _load_tokenizer(config.student_tokenizer, config, "student")
+    teacher_tok = _load_tokenizer(config.teacher_tokenizer, config, "teacher")
+    builder = TeacherViewBuilder(
+        student_tok,
+        teacher_tok,
+        prompt_format=config.prompt_format,
+        template_kwargs=config.template_kwargs,
+        system_prompt=config.system_prompt,
+        end_of_turn=config.end_of_turn,
+        student_end_of_turn=_student_end_ids(student_tok, config.student_end_of_turn),
+        max_teacher_tokens=config.max_teacher_tokens,
+    )
+    client = TeacherClient(
+        list(config.teacher_urls),
+        api_key=config.api_key,
+        timeout_s=config.timeout_s,
+        max_retries=config.max_retries,
+        max_concurrency=config.max_concurrency,
+        max_input_tokens=config.max_teacher_tokens,
+    )
+    inner_args = None
+    if config.inner_rm_type:
+        inner_args = copy.copy(args)
+        inner_args.custom_rm_path = None
+        inner_args.rm_type = config.inner_rm_type
+    logger.info(
+        "slime-xvocab ready: student %s, teacher %s (%s), teacher at %s",
+        config.student_tokenizer,
+        config.teacher_tokenizer,
+        "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
+        ", ".join(client.urls),
+    )
+    return _Runtime(config, builder, client, inner_args)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _sample_id(sample: Any) -> str:
+    return f"(group_index={getattr(sample, 'group_index', None)}, index={getattr(sample, 'index', None)})"
+
+
+def _meta(sample: Any) -> dict:
+    md = getattr(sample, "metadata", None)
+    entry = md.get(META_KEY) if isinstance(md, dict) else None
+    return entry if isinstance(entry, dict) else {}
+
+
+def _update_meta(sample: Any, **values: Any) -> None:
+    """Merge into ``sample.metadata["xvocab"]``, copying both dicts (group siblings may share one)."""
+    md = dict(sample.metadata) if isinstance(getattr(sample, "metadata", None), dict) else {}
+    entry = dict(md.get(META_KEY) or {})
+    entry.update(values)
+    md[META_KEY] = entry
+    sample.metadata = md
+
+
+def _is_evaluation(sample: Any, kwargs: dict) -> bool:
+    """Eval samples: told by ``evaluation=`` (future slime), by :func:`mark_evaluation`, or, failing both,
+    by ``sample.custom_rm_path`` (slime sets it on eval samples only, from the eval dataset config)."""
+    if "evaluation" in kwargs:
+        return bool(kwargs["evaluation"])
+    flag = _meta(sample).get("evaluation")
+    if flag is not None:
+        return bool(flag)
+    return bool(getattr(sample, "custom_rm_path", None))
+
+
+def _as_float_array(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):  # a torch tensor
+        values = values.detach().cpu().float().numpy()
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def _to_tensor(values: np.ndarray) -> Any:
+    """float32 torch tensor like slime's own OPD hook stores; a list of floats when torch is missing."""
+    values = np.asarray(values, dtype=np.float32)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is always there under slime
+        return values.tolist()
+    return torch.from_numpy(values.copy())
+
+
+def _student_log_probs(sample: Any, n: int, sid: str) -> np.ndarray:
+    lps = getattr(sample, "rollout_log_probs", None)
+    if lps is None:
+        raise SampleError(
+            f"sample {sid}: rollout_log_probs is None; slime-xvocab needs the student's log-prob of every "
+            "response token (slime's default generate records them; a custom generate function must pass "
+            "log_probs to sample.append_response_tokens)"
+        )
+    arr = _as_float_array(lps)
+    if len(arr) != n:
+        raise SampleError(
+            f"sample {sid}: len(rollout_log_probs)={len(arr)} != response_length={n} (a Sample invariant)"
+        )
+    return arr
+
+
+def _messages(sample: Any, config: XVocabConfig, sid: str) -> list:
+    from .teacher_view import messages_from_metadata
+
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    if config.messages_key not in md and isinstance(getattr(sample, "prompt", None), list):
+        return sample.prompt  # slime keeps the message list as the prompt without --apply-chat-template
+    return messages_from_metadata(md, config.messages_key, sample_id=sid)
+
+
+@dataclass(frozen=True)
+class _View:
+    """What the hooks need of a teacher view (a TeacherView, or the same-tokenizer identity view)."""
+
+    input_ids: list
+    response_start: int
+    alignment: Alignment
+    eot_mapped: bool = False
+    teacher_truncated_tokens: int = 0
+    exact_bytes: bool = True
+
+
+def _identity_view(sample: Any, n: int, max_tokens: int | None) -> _View:
+    """slime's own OPD request: ``sample.tokens`` as they are, each response token its own chunk."""
+    ids = list(sample.tokens)
+    start = len(ids) - n
+    kept = n if max_tokens is None or len(ids) <= max_tokens else max(0, max_tokens - start)
+    cut = n - kept
+    ids = ids[: start + kept]
+    student_chunk = np.full(n, -1, dtype=np.int64)
+    student_chunk[:kept] = np.arange(kept)
+    reason = np.zeros(n, dtype=np.int8)
+    reason[kept:] = Unaligned.TEACHER_CONTEXT
+    alignment = Alignment(student_chunk, np.arange(kept, dtype=np.int64), reason, kept)
+    return _View(ids, start, alignment, eot_mapped=True, teacher_truncated_tokens=cut)
+
+
+def _build_view(runtime: _Runtime, sample: Any, n: int, sid: str) -> _View:
+    if runtime.builder.same_tokenizer:
+        return _identity_view(sample, n, runtime.config.max_teacher_tokens)
+    messages = _messages(sample, runtime.config, sid)
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    response_ids = list(sample.tokens[len(sample.tokens) - n :])
+    view = runtime.builder.build(
+        messages, response_ids, tools=md.get(runtime.config.tools_key), sample_id=sid
+    )
+    return _View(
+        list(view.input_ids),
+        int(view.response_start),
+        view.alignment,
+        bool(view.eot_mapped),
+        int(view.teacher_truncated_tokens),
+        bool(view.exact_bytes),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- reward
+
+
+async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
+    """slime ``--custom-rm-path`` hook: set ``sample.teacher_log_probs`` and return the task reward.
+
+    Args:
+        args: slime's args (``xvocab_*`` settings on it; see :class:`~slime_xvocab.config.XVocabConfig`).
+        sample: a slime ``Sample`` after generation (``tokens``, ``response_length``,
+            ``rollout_log_probs``, ``metadata``); with ``--group-rm`` slime passes a list of them.
+        **kwargs: passed on to the inner reward function; ``evaluation=True`` marks an eval sample.
+
+    Returns:
+        The inner task reward (``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``; a dict reward is
+        returned as is, for ``--reward-key``) or 0.0 for pure distillation; a list for a list input.
+
+    Raises:
+        ConfigError: invalid configuration (on the first call).
+        TeacherError, SampleError: the sample could not be scored and ``xvocab_fallback`` is ``error``.
+    """
+    if isinstance(sample, list):  # --group-rm: slime calls the reward function once per group
+        return list(await asyncio.gather(*(reward_func(args, s, **kwargs) for s in sample)))
+    config = get_config(args)
+    if _is_evaluation(sample, kwargs):
+        _update_meta(sample, evaluation=True)
+        runtime = _cached(_RUNTIMES, args)
+        return await _inner_reward(args, sample, config, runtime, kwargs, evaluation=True)
+    runtime = _cached(_RUNTIMES, args) or await asyncio.to_thread(_runtime, args)
+    _, reward = await asyncio.gather(
+        _score_sample(runtime, sample), _inner_reward(args, sample, config, runtime, kwargs)
+    )
+    return reward
+
+
+async def _score_sample(runtime: _Runtime, sample: Any) -> None:
+    """Teacher view -> teacher log-probs -> alignment -> ``sample.teacher_log_probs`` (+ stats)."""
+    config = runtime.config
+    sid = _sample_id(sample)
+    n = int(sample.response_length)
+    if n == 0:
+        sample.teacher_log_probs = _to_tensor(np.zeros(0))
+        _update_meta(
+            sample,
+            stats=sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict()),
+            failed=False,
+            error=None,
+            evaluation=False,
+        )
+        return
+    student = _student_log_probs(sample, n, sid)
+    try:
+        view = await asyncio.to_thread(_build_view, runtime, sample, n, sid)
+        latency, attempts = 0.0, 0
+        if len(view.input_ids) > view.response_start:
+            scores = await runtime.client.score(view.input_ids, view.response_start)
+            teacher, latency, attempts = scores.log_probs, scores.latency_s, scores.attempts
+        else:  # nothing of the response fits the teacher's context: every position keeps its own value
+            teacher = np.zeros(0, dtype=np.float32)
+        mode = "exact" if runtime.builder.same_tokenizer else config.credit_mode
+        values = await asyncio.to_thread(
+            assign_credit, view.alignment, teacher, student, mode=mode, split=config.chunk_split
+        )
+        stats = sample_stats(
+            view.alignment.stats().as_dict(),
+            latency_s=latency,
+            attempts=attempts,
+            eot_mapped=view.eot_mapped,
+            exact_bytes=view.exact_bytes,
+            teacher_truncated_tokens=view.teacher_truncated_tokens,
+        )
+        error = None
+    except (TeacherError, SampleError) as exc:
+        if config.fallback == "error":
+            raise type(exc)(
+                f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
+                "student to train on with the student's own log-probs for such samples)"
+            ) from exc
+        if isinstance(exc, ByteMismatchError):
+            reason = Unaligned.BYTE_MISMATCH
+        elif isinstance(exc, SampleError):
+            reason = Unaligned.INVALID_SAMPLE
+        else:
+            reason = Unaligned.TEACHER_FAILED
+        values = student
+        stats = sample_stats(Alignment.unaligned(n, reason).stats().as_dict(), failed=True)
+        error = f"{type(exc).__name__}: {exc}"
+        runtime.failures_logged += 1
+        if runtime.failures_logged <= _LOG_FIRST_FAILURES or runtime.failures_logged % 100 == 0:
+            logger.warning(
+                "slime-xvocab: sample %s falls back to the student's log-probs (failure #%d): %s",
+                sid,
+                runtime.failures_logged,
+                error,
+            )
+    sample.teacher_log_probs = _to_tensor(values)
+    _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
+
+
+def _load_function(path: str) -> Any:
+    module_path, _, attr = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_path), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"xvocab_inner_rm_path={path!r} cannot be loaded: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+async def _inner_reward(
+    args: Any,
+    sample: Any,
+    config: XVocabConfig,
+    runtime: _Runtime | None,
+    kwargs: dict,
+    *,
+    evaluation: bool = False,
+) -> Any:
+    """The task reward: user function, slime's rule-based reward, or 0.0 (pure distillation).
+
+    Evaluation samples without an inner reward fall back to slime's own ``--rm-type`` (if set), so an OPD
+    run still reports a task score on its eval sets.
+    """
+    if config.inner_rm_path:
+        result = _load_function(config.inner_rm_path)(args, sample, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+    rm_type = config.inner_rm_type or (getattr(args, "rm_type", None) if evaluation else None)
+    if rm_type:
+        try:
+            from slime.rollout.rm_hub import async_rm
+        except ImportError as exc:
+            raise ConfigError(
+                f"rule-based reward {rm_type!r} (xvocab_inner_rm_type, --rm-type) needs slime.rollout.rm_hub "
+                f"(not importable here: {exc}); run inside slime's environment or use "
+                "xvocab_inner_rm_path"
+            ) from exc
+        inner_args = runtime.inner_args if runtime is not None and config.inner_rm_type else None
+        if inner_args is None:
+            inner_args = copy.copy(args)
+            inner_args.custom_rm_path, inner_args.rm_type = None, rm_type
+        # async_rm tries sample.custom_rm_path first (on eval samples: this very hook); clear it on a copy.
+        proxy = copy.copy(sample)
+        proxy.custom_rm_path = None
+        return await async_rm(inner_args, proxy)
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------- eval hook
+
+
+def mark_evaluation(
+    args: Any, sample: Any, *, rollout_id: int | None = None, evaluation: bool = False
+) -> None:
+    """slime ``--rollout-sample-hook-path`` hook: record whether ``sample`` is an evaluation sample.
+
+    slime tells sample hooks ``evaluation=`` but not reward functions; :func:`reward_func` reads the flag
+    back, so evaluation samples get their task reward and are never sent to the teacher.
+
+    Returns:
+        None (slime keeps the same sample object).
+    """
+    _update_meta(sample, evaluation=bool(evaluation), rollout_id=rollout_id)
+
+
+# ---------------------------------------------------------------------------------------------- post-process
+
+
+def _flatten(samples: Sequence[Any]) -> list:
+    out = []
+    for s in samples:
+        out.extend(_flatten(s) if isinstance(s, list) else [s])
+    return out
+
+
+def _reward_value(args: Any, sample: Any) -> float:
+    """slime's ``Sample.get_reward_value``; a missing reward counts as 0.0."""
+    reward = sample.reward
+    key = getattr(args, "reward_key", None)
+    if key and isinstance(reward, dict):
+        reward = reward[key]
+    return 0.0 if reward is None else float(reward)
+
+
+def normalize_group_rewards(args: Any, raw_rewards: Sequence[float]) -> list[float]:
+    """slime's default reward post-processing (``RolloutManager._post_process_rewards``), reimplemented.
+
+    For ``--advantage-estimator`` grpo, gspo, cispo and reinforce_plus_plus_baseline with rewards
+    normalisation on (slime's default; ``--disable-rewards-normalization`` turns it off): rewards are
+    grouped by ``n_samples_per_prompt`` when the batch is exactly ``rollout_batch_size`` groups (else the
+    whole batch is one group), the group mean is subtracted, and for grpo/gspo/cispo (unless
+    ``--disable-grpo-std-normalization``) the result is divided by ``std + 1e-6`` (unbiased std, float32).
+    One deviation: a group of one sample gives 0.0, where slime's unbiased std gives NaN.
+
+    Returns:
+        The normalised rewards, same order and length.
+    """
+    estimator = getattr(args, "advantage_estimator", None)
+    if (
+        estimator not in GROUP_ESTIMATORS
+        or not getattr(args, "rewards_normalization", True)
+        or not raw_rewards
+    ):
+        return [float(r) for r in raw_rewards]
+    n = int(getattr(args, "n_samples_per_prompt", 1) or 1)
+    batch = getattr(args, "rollout_batch_size", None)
+    per_row = n if batch is not None and len(raw_rewards) == n * int(batch) else len(raw_rewards)
+    divide = estimator in STD_ESTIMATORS and getattr(args, "grpo_std_normalization", True) and per_row > 1
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - numpy path, same formula (float32, ddof=1)
+        r = np.asarray(raw_rewards, dtype=np.float32).reshape(-1, per_row)
+        r = r - r.mean(axis=-1, keepdims=True)
+        if divide:
+            r = r / (r.std(axis=-1, ddof=1, keepdims=True) + np.float32(1e-6))
+        return [float(x) for x in r.reshape(-1)]
+    r = torch.tensor(list(raw_rewards), dtype=torch.float).reshape(-1, per_row)
+    r = r - r.mean(dim=-1, keepdim=True)
+    if divide:
+        r = r / (r.std(dim=-1, keepdim=True) + 1e-6)
+    return r.flatten().tolist()
+
+
+def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[float], list[float]]:
+    """slime ``--custom-reward-post-process-path`` hook: check/fill ``teacher_log_probs``, normalise rewards.
+
+    Every sample leaves with ``teacher_log_probs`` of length ``response_length`` (slime tensorises the key
+    for the whole batch as soon as the first sample has it). A sample without valid values gets the
+    student's rollout log-probs (OPD delta 0) and is counted as a fallback; with ``xvocab_fallback: error``
+    it stops training instead. More than ``xvocab_max_failed_fraction`` fallbacks also stop training.
+
+    Args:
+        args: slime's args.
+        samples: the rollout's samples (flat, as slime passes them; nested lists are flattened).
+
+    Returns:
+        ``(raw_rewards, rewards)``: the task rewards and their group-normalised values
+        (:func:`normalize_group_rewards`); zeros for pure distillation, as slime's OPD hook returns.
+
+    Raises:
+        TeacherError / SampleError: too many samples could not be scored, or ``xvocab_fallback: error``.
+    """
+    config = get_config(args)
+    flat = _flatten(samples)
+    fallbacks: list[tuple[Any, str]] = []
+    for s in flat:
+        n = int(s.response_length)
+        entry = _meta(s)
+        tlp = getattr(s, "teacher_log_probs", None)
+        why = None
+        if tlp is None:
+            why = entry.get("error") or (
+                "no teacher_log_probs: slime_xvocab.hooks.reward_func did not score this sample (is it the "
+                "--custom-rm-path? a sample whose reward was already set is skipped by slime)"
+            )
+        elif len(tlp) != n:
+            why = f"teacher_log_probs has {len(tlp)} values but response_length is {n}"
+        elif entry.get("failed"):
+            fallbacks.append((s, entry.get("error") or "teacher call failed"))
+            continue
+        if why is None:
+            continue
+        if config.fallback == "error":
+            raise SampleError(f"sample {_sample_id(s)}: {why} (xvocab_fallback=error)")
+        lps = getattr(s, "rollout_log_probs", None)
+        values = _as_float_array(lps) if lps is not None and len(lps) == n else np.zeros(n)
+        s.teacher_log_probs = _to_tensor(values)
+        _update_meta(s, failed=True, error=why)
+        fallbacks.append((s, why))
+
+    metrics = compute_post_process_metrics(len(flat), len(fallbacks))
+    _log_metrics(args, _rollout_id(flat), metrics, what="post-process")
+    if flat and metrics["failed_fraction"] > config.max_failed_fraction:
+        raise _too_many_failures(config, flat, fallbacks)
+    raw = [_reward_value(args, s) for s in flat]
+    return raw, normalize_group_rewards(args, raw)
+
+
+def _too_many_failures(config: XVocabConfig, flat: list, fallbacks: list) -> XVocabError:
+    reasons = Counter(why.split(":")[0] for _, why in fallbacks)
+    teacher_side = sum(c for r, c in reasons.items() if r.startswith("Teacher"))
+    cls = TeacherError if teacher_side * 2 >= len(fallbacks) else SampleError
+    examples = "\n".join(f"    sample {_sample_id(s)}: {why[:300]}" for s, why in fallbacks[:3])
+    return cls(
+        f"{len(fallbacks)} of {len(flat)} samples could not be scored by the teacher "
+        f"(> xvocab_max_failed_fraction={config.max_failed_fraction}); by cause: {dict(reasons)}. "
+        "First ones:\n"
+        f"{examples}\nCheck the teacher at {', '.join(config.teacher_urls)} (curl <url>/health_generate), "
+        "the messages in sample.metadata, or raise xvocab_max_failed_fraction (1.0 never stops)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def _rollout_id(samples: Sequence[Any]) -> int | None:
+    for s in samples:
+        rid = _meta(s).get("rollout_id")
+        if rid is not None:
+            return int(rid)
+    try:  # slime keeps the current rollout id for sample hooks (private, so optional)
+        from slime.rollout import sample_hooks
+
+        return sample_hooks._current_rollout_id
+    except Exception:
+        return None
+
+
+def _rollout_step(args: Any, rollout_id: int) -> int:
+    try:
+        from slime.observability.metric_utils import compute_rollout_step
+
+        return compute_rollout_step(args, rollout_id)
+    except Exception:  # slime not importable: the same formula
+        if getattr(args, "wandb_always_use_train_step", False):
+            return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+        return rollout_id
+
+
+def _log_metrics(
+    args: Any, rollout_id: int | None, metrics: dict[str, float], *, what: str
+) -> dict[str, Any]:
+    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard);
+    python logging only when slime is not importable or the step is unknown."""
+    data: dict[str, Any] = {f"rollout/xvocab/{k}": v for k, v in metrics.items()}
+    if rollout_id is not None:
+        data["rollout/step"] = _rollout_step(args, rollout_id)
+    logger.info("slime-xvocab %s, rollout %s: %s", what, rollout_id, data)
+    if rollout_id is None or not hasattr(args, "use_wandb"):
+        return data
+    try:
+        from slime.observability import logging_utils
+    except Exception:  # slime (or wandb) missing: the log line above is all there is
+        return data
+    logging_utils.log(args, data, step_key="rollout/step")
+    return data
+
+
+def log_rollout_data(
+    rollout_id: int, args: Any, samples: list, rollout_extra_metrics: dict | None, rollout_time: float
+) -> bool:
+    """slime ``--custom-rollout-log-function-path`` hook: log ``rollout/xvocab/*`` for one rollout.
+
+    slime calls it after generation and reward, before the reward post-process, so it reports what
+    :func:`reward_func` recorded per sample (alignment coverage, chunk widths, teacher latency, failures)
+    plus the teacher client's request count since the previous rollout. Evaluation samples are left out.
+
+    Returns:
+        False: slime's default rollout logging runs as well.
+    """
+    flat = _flatten(samples)
+    stats = [e["stats"] for e in map(_meta, flat) if "stats" in e and not e.get("evaluation")]
+    runtime = _cached(_RUNTIMES, args)
+    client_stats = None
+    if runtime is not None:
+        client_stats = runtime.client.stats()
+        runtime.client.reset_stats()
+    _log_metrics(args, rollout_id, compute_rollout_metrics(stats, client_stats), what="rollout")
+    return False

@@ -1,0 +1,159 @@
+"""Per-rollout metrics of cross-vocabulary OPD: pure aggregation, no logging.
+
+The reward hook records one flat dict of numbers per sample (:func:`sample_stats`, kept in
+``sample.metadata["xvocab"]["stats"]``); :func:`compute_rollout_metrics` turns a rollout's worth of them
+into the flat dict that :func:`slime_xvocab.hooks.log_rollout_data` logs under ``rollout/xvocab/<key>``.
+:data:`METRICS` documents every key (``docs/metrics.md`` is checked against it).
+
+Token-weighted fractions (``covered_fraction``, ``one_to_one_fraction``) count student response tokens over
+the whole rollout, so long responses weigh more, exactly like the loss does.
+
+Example:
+    >>> s = sample_stats({"student_tokens": 4, "teacher_tokens": 3, "chunks": 2, "one_to_one_fraction": 0.25,
+    ...                   "covered_fraction": 1.0, "mean_chunk_width": 2.0, "max_chunk_width": 3,
+    ...                   "unaligned_tokens": 0}, latency_s=0.2, attempts=1)
+    >>> compute_rollout_metrics([s])["covered_fraction"]
+    1.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["METRICS", "sample_stats", "compute_rollout_metrics", "compute_post_process_metrics"]
+
+#: Every key :func:`compute_rollout_metrics` / :func:`compute_post_process_metrics` can return, with its
+#: meaning. ``unaligned/<reason>`` stands for one key per :class:`~slime_xvocab.alignment.Unaligned` reason.
+METRICS: dict[str, str] = {
+    "samples": "training samples scored in this rollout (evaluation samples are not counted)",
+    "covered_fraction": "share of student response tokens that received a teacher signal (token-weighted)",
+    "one_to_one_fraction": "share of student response tokens in 1:1 chunks (one student token = one teacher "
+    "token, same bytes); 1.0 when both sides share a tokenizer",
+    "mean_chunk_width": "mean width of aligned chunks, a chunk's width being its longer side in tokens",
+    "max_chunk_width": "widest chunk of the rollout",
+    "unaligned_tokens": "student response tokens with no teacher signal (they keep their own log-prob: "
+    "OPD delta 0)",
+    "unaligned/<reason>": "unaligned tokens by reason: special, teacher_context, invalid_utf8, "
+    "no_teacher_tokens, teacher_failed, byte_mismatch",
+    "eot_mapped_fraction": "share of samples whose final end-of-turn token was paired with the teacher's "
+    "end-of-turn token (samples cut by the length limit have none to pair)",
+    "teacher_student_token_ratio": "teacher response tokens / student response tokens over the rollout",
+    "teacher_truncated_tokens": "teacher tokens cut by xvocab_max_teacher_tokens over the rollout",
+    "exact_bytes_fraction": "share of samples whose teacher tokens spell exactly the student's bytes "
+    "(below 1.0 the teacher's tokenizer normalised some text; spans then come from offsets)",
+    "teacher_latency_p50_s": "median teacher call latency per sample, retries included (seconds)",
+    "teacher_latency_p99_s": "99th-percentile teacher call latency per sample (seconds)",
+    "teacher_retries": "HTTP retries spent on this rollout's samples",
+    "teacher_failures": "samples whose teacher call or view failed (they fall back or stop training)",
+    "teacher_requests": "HTTP /generate requests sent since the previous rollout log (retries included)",
+    "fallback_samples": "samples given the student's own log-probs (delta 0): they could not be scored",
+    "failed_fraction": "fallback_samples / samples; training stops above xvocab_max_failed_fraction",
+}
+
+
+def sample_stats(
+    alignment_stats: Mapping[str, float],
+    *,
+    latency_s: float = 0.0,
+    attempts: int = 0,
+    eot_mapped: bool = False,
+    exact_bytes: bool = True,
+    teacher_truncated_tokens: int = 0,
+    failed: bool = False,
+) -> dict[str, float]:
+    """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
+
+    Args:
+        alignment_stats: :meth:`AlignmentStats.as_dict` of the sample's alignment.
+        latency_s: teacher call latency, retries included (0 when no call was made).
+        attempts: HTTP attempts (0 when no call was made).
+        eot_mapped: the response's end-of-turn token was paired with the teacher's.
+        exact_bytes: the teacher's tokens spell exactly the student's bytes.
+        teacher_truncated_tokens: teacher tokens cut by the context limit.
+        failed: the sample could not be scored (its values come from the fallback).
+
+    Returns:
+        A flat ``dict[str, float]``; alignment keys keep their names, ``unaligned/<reason>`` included.
+    """
+    out = {k: float(v) for k, v in alignment_stats.items()}
+    out.update(
+        latency_s=float(latency_s),
+        attempts=float(attempts),
+        eot_mapped=float(bool(eot_mapped)),
+        exact_bytes=float(bool(exact_bytes)),
+        teacher_truncated_tokens=float(teacher_truncated_tokens),
+        failed=float(bool(failed)),
+    )
+    return out
+
+
+def compute_rollout_metrics(
+    per_sample_stats: Sequence[Mapping[str, float]],
+    client_stats: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Aggregate a rollout's per-sample stats (and the teacher client's counters) into flat metrics.
+
+    Args:
+        per_sample_stats: one :func:`sample_stats` dict per training sample that went through the reward
+            hook. Missing keys count as 0.
+        client_stats: :meth:`TeacherClient.stats` since the previous rollout, or None.
+
+    Returns:
+        ``dict[str, float]`` with the keys of :data:`METRICS` (``unaligned/<reason>`` only for reasons that
+        occurred). Empty input gives ``{"samples": 0.0}`` (+ client keys).
+    """
+    out: dict[str, float] = {"samples": float(len(per_sample_stats))}
+    if client_stats is not None:
+        out["teacher_requests"] = float(client_stats.get("requests", 0.0))
+    if not per_sample_stats:
+        return out
+
+    def col(key: str) -> np.ndarray:
+        return np.array([float(s.get(key, 0.0)) for s in per_sample_stats], dtype=np.float64)
+
+    student, teacher = col("student_tokens"), col("teacher_tokens")
+    covered = student - col("unaligned_tokens")
+    one_to_one = col("one_to_one_fraction") * student
+    chunks = col("chunks")
+    n_student = student.sum()
+    out["covered_fraction"] = float(covered.sum() / n_student) if n_student else 1.0
+    out["one_to_one_fraction"] = float(one_to_one.sum() / n_student) if n_student else 1.0
+    out["mean_chunk_width"] = (
+        float((col("mean_chunk_width") * chunks).sum() / chunks.sum()) if chunks.sum() else 0.0
+    )
+    out["max_chunk_width"] = float(col("max_chunk_width").max())
+    out["unaligned_tokens"] = float(col("unaligned_tokens").sum())
+    reasons = sorted({k for s in per_sample_stats for k in s if k.startswith("unaligned/")})
+    for key in reasons:
+        out[key] = float(col(key).sum())
+    out["eot_mapped_fraction"] = float(col("eot_mapped").mean())
+    out["teacher_student_token_ratio"] = float(teacher.sum() / n_student) if n_student else 0.0
+    out["teacher_truncated_tokens"] = float(col("teacher_truncated_tokens").sum())
+    out["exact_bytes_fraction"] = float(col("exact_bytes").mean())
+    attempts = col("attempts")
+    called = attempts > 0
+    latency = col("latency_s")[called & (col("failed") == 0)]
+    p50, p99 = np.percentile(latency, [50.0, 99.0]) if len(latency) else (0.0, 0.0)
+    out["teacher_latency_p50_s"] = float(p50)
+    out["teacher_latency_p99_s"] = float(p99)
+    out["teacher_retries"] = float(np.maximum(attempts - 1, 0).sum())
+    out["teacher_failures"] = float(col("failed").sum())
+    return out
+
+
+def compute_post_process_metrics(n_samples: int, n_fallback: int) -> dict[str, float]:
+    """What only the post-process knows: how many samples were given the fallback.
+
+    Args:
+        n_samples: training samples in the batch.
+        n_fallback: samples whose ``teacher_log_probs`` are the student's own log-probs.
+
+    Returns:
+        ``{"fallback_samples": n_fallback, "failed_fraction": n_fallback / n_samples}`` (0.0 when empty).
+    """
+    return {
+        "fallback_samples": float(n_fallback),
+        "failed_fraction": float(n_fallback / n_samples) if n_samples else 0.0,
+    }

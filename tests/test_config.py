@@ -1,0 +1,174 @@
+"""XVocabConfig: reading xvocab_* keys the three ways slime can deliver them, and one clear error."""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from slime_standin import make_args
+
+from slime_xvocab.config import XVocabConfig, fields_reference, reference_markdown
+from slime_xvocab.errors import ConfigError
+from slime_xvocab.train import add_xvocab_arguments
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {"hf_checkpoint": "/models/student", "xvocab_teacher_tokenizer": "/models/teacher",
+        "xvocab_teacher_urls": "http://127.0.0.1:30000"}
+
+
+def build(environ=None, **overrides) -> XVocabConfig:
+    return XVocabConfig.from_args(make_args(**{**BASE, **overrides}), environ=environ or {})
+
+
+def test_defaults_and_slime_fallbacks():
+    config = build()
+    assert config.teacher_urls == ("http://127.0.0.1:30000",)
+    assert config.student_tokenizer == "/models/student"  # --hf-checkpoint
+    assert (config.credit_mode, config.chunk_split, config.fallback) == ("chunk", "uniform", "student")
+    # slime's own OPD passes the teacher as --rm-url: that alone is enough.
+    args = make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t", rm_url="http://10.0.0.7:13141/generate")
+    assert XVocabConfig.from_args(args, environ={}).teacher_urls == ("http://10.0.0.7:13141/generate",)
+
+
+def test_yaml_through_slimes_setattr_loop(tmp_path):
+    (tmp_path / "x.yaml").write_text(
+        "xvocab_teacher_tokenizer: /models/teacher\n"
+        "xvocab_teacher_urls: [http://a:30000, http://b:30000/generate]\n"
+        "xvocab_template_kwargs: {enable_thinking: false}\n"
+        "xvocab_timeout_s: 1e-3\n"  # YAML reads this as a string; accepted as a number
+        "xvocab_max_teacher_tokens: 4096\n"
+        "xvocab_credit_mode: exact\n"
+    )
+    args = make_args(hf_checkpoint="/models/student")
+    for key, value in yaml.safe_load((tmp_path / "x.yaml").read_text()).items():  # what slime does
+        setattr(args, key, value)
+    config = XVocabConfig.from_args(args, environ={})
+    assert config.teacher_urls == ("http://a:30000", "http://b:30000/generate")
+    assert config.template_kwargs == {"enable_thinking": False}
+    assert config.timeout_s == 1e-3 and config.max_teacher_tokens == 4096 and config.credit_mode == "exact"
+
+
+def test_environment_overrides_args():
+    env = {
+        "XVOCAB_TEACHER_URLS": "http://x:1, http://y:2",
+        "XVOCAB_API_KEY": "sk-secret",
+        "XVOCAB_MAX_RETRIES": "7",
+        "XVOCAB_TEMPLATE_KWARGS": '{"enable_thinking": false}',
+        "XVOCAB_TRUST_REMOTE_CODE": "false",
+        "XVOCAB_MAX_TEACHER_TOKENS": "none",
+    }
+    config = build(environ=env, xvocab_max_retries=1, xvocab_max_teacher_tokens=99)
+    assert config.teacher_urls == ("http://x:1", "http://y:2")
+    assert config.max_retries == 7 and config.max_teacher_tokens is None and config.trust_remote_code is False
+    assert config.to_dict()["api_key"] == "***" and "sk-secret" not in repr(config)
+    assert config.to_dict(redact=False)["api_key"] == "sk-secret"
+
+
+def test_every_problem_in_one_error():
+    env = {"XVOCAB_TIMEOUT_S": "soon", "XVOCAB_TEACHER_URL": "http://x"}
+    args = make_args(
+        hf_checkpoint="/s",
+        xvocab_teacher_tokenzier="/t",
+        xvocab_credit_mode="chunks",
+        xvocab_max_retries=-1,
+        xvocab_template_kwargs="enable_thinking=false",
+        xvocab_fallback="student_lp",
+        xvocab_inner_rm_type="math",
+        xvocab_inner_rm_path="my.rm",
+        use_opd=False,
+    )
+    with pytest.raises(ConfigError) as info:
+        XVocabConfig.from_args(args, environ=env)
+    lines = [line for line in str(info.value).splitlines() if line.startswith("  - ")]
+    text = "\n".join(lines)
+    assert len(lines) == 11, text
+    for expected in [
+        "unknown key 'xvocab_teacher_tokenzier' (did you mean 'xvocab_teacher_tokenizer'?)",
+        "unknown environment variable 'XVOCAB_TEACHER_URL' (did you mean 'XVOCAB_TEACHER_URLS'?)",
+        "XVOCAB_TIMEOUT_S (environment) = 'soon': must be a number",
+        "xvocab_credit_mode = 'chunks': must be one of chunk, exact (did you mean 'chunk'?)",
+        "xvocab_max_retries = -1: must be >= 0",
+        "xvocab_template_kwargs = 'enable_thinking=false': must be a mapping",
+        "xvocab_fallback = 'student_lp': must be one of student, error",
+        "xvocab_teacher_tokenizer is not set",
+        "xvocab_teacher_urls is not set",
+        "xvocab_inner_rm_type and xvocab_inner_rm_path are both set",
+        "--use-opd is not set",
+    ]:
+        assert expected in text, expected
+    assert isinstance(info.value, ValueError)  # ConfigError is also a ValueError
+    assert pickle.loads(pickle.dumps(info.value)).args == info.value.args  # crosses Ray actors
+
+
+def test_opd_type_and_temperature():
+    with pytest.raises(ConfigError, match="--opd-type is 'megatron'"):
+        build(opd_type="megatron")
+    with pytest.warns(UserWarning, match="--rollout-temperature is 0.7"):
+        build(rollout_temperature=0.7)
+
+
+def test_config_pickles_and_is_frozen():
+    config = build()
+    assert pickle.loads(pickle.dumps(config)) == config
+    with pytest.raises(AttributeError):
+        config.timeout_s = 1.0  # type: ignore[misc]
+
+
+def test_xvocab_flags_parse_to_the_same_config():
+    parser = add_xvocab_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(
+        ["--xvocab-teacher-tokenizer", "/models/teacher", "--xvocab-teacher-urls", "http://a:1,http://b:2",
+         "--xvocab-template-kwargs", '{"enable_thinking": false}', "--xvocab-max-retries", "5",
+         "--xvocab-trust-remote-code", "false", "--xvocab-credit-mode", "exact"]
+    )
+    args = make_args(hf_checkpoint="/models/student", **vars(ns))
+    config = XVocabConfig.from_args(args, environ={})
+    assert config.teacher_urls == ("http://a:1", "http://b:2") and config.max_retries == 5
+    assert config.template_kwargs == {"enable_thinking": False} and config.trust_remote_code is False
+    assert config.credit_mode == "exact" and config.timeout_s == 120.0  # unset flags keep defaults
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--xvocab-credit-mode", "chunks"])
+
+
+def test_flag_and_key_names_cover_every_field():
+    entries = fields_reference()
+    assert [e["name"] for e in entries] == list(XVocabConfig.__dataclass_fields__)
+    parser = add_xvocab_arguments(argparse.ArgumentParser())
+    flags = {a for action in parser._actions for a in action.option_strings}
+    assert {e["flag"] for e in entries} <= flags
+
+
+def test_configuration_doc_is_generated_from_the_code():
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    block = re.search(
+        r"<!-- BEGIN xvocab_config_reference -->\n(.*?)<!-- END xvocab_config_reference -->", doc, re.S
+    )
+    assert block, "docs/configuration.md lost its generated block"
+    assert block.group(1) == reference_markdown(), "regenerate it: python -m slime_xvocab.config"
+    for entry in fields_reference():
+        assert f"`{entry['key']}`" in doc
+
+
+def test_example_yaml_files_are_valid_and_comment_every_key():
+    files = sorted(ROOT.glob("examples/*/xvocab.yaml"))
+    assert len(files) >= 3
+    for path in files:
+        data = yaml.safe_load(path.read_text())
+        args = make_args(hf_checkpoint="/models/student")
+        for key, value in data.items():
+            setattr(args, key, value)
+        XVocabConfig.from_args(args, environ={})  # raises if any key is wrong
+        lines = path.read_text().splitlines()
+        key_line = re.compile(r"(# )?xvocab_\w+:")
+        for i, line in enumerate(lines):
+            if key_line.match(line):  # a group of keys must start right after an explanatory comment
+                j = i
+                while j > 0 and key_line.match(lines[j - 1]):
+                    j -= 1
+                assert j > 0 and lines[j - 1].startswith("#"), f"{path}: {line!r} has no comment above it"
+        for entry in fields_reference():  # every setting appears, set or commented out
+            assert re.search(rf"^(# )?{entry['key']}:", path.read_text(), re.M), f"{path}: {entry['key']}"

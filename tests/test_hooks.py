@@ -1,0 +1,511 @@
+"""Contract suite for slime_xvocab.hooks, driven the way slime drives them.
+
+Hooks are loaded by dotted path (slime's load_function), their parameter names are checked against
+slime's call sites, and a rollout goes through them in slime's order: the sample hook on every sample,
+the async reward function concurrently on one event loop, the rollout log function, the reward
+post-process on the whole batch, then slime's OPD advantage ``A = -coef * (student_lp - teacher_lp)``.
+The teacher is the reference scoring server (a real subprocess with a tiny random Llama whose vocabulary
+covers Qwen3's, Llama-3's and Gemma-3's ids); tokenizers are the real Qwen3 and Llama-3.1 ones. Every case runs
+on the stand-in ``Sample`` and, when slime is importable, on slime's own ``Sample`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import pickle
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from slime_standin import (
+    SAMPLE_HOOK_KWARGS,
+    SIGNATURES,
+    Sample,
+    apply_opd_kl,
+    load_function,
+    make_args,
+    make_sample,
+    real_sample_class,
+    slime_group_normalize,
+    slime_opd_request,
+    slime_opd_teacher_log_probs,
+)
+
+from slime_xvocab import hooks
+from slime_xvocab.alignment import assign_credit
+from slime_xvocab.assets import load_tokenizer, tokenizer_dir
+from slime_xvocab.errors import ConfigError, SampleError, TeacherError
+from slime_xvocab.teacher_client import SyncTeacherClient
+from slime_xvocab.teacher_server import free_port, start_teacher_server
+from slime_xvocab.teacher_view import TeacherViewBuilder
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOK_PATHS = {
+    "custom_rm_path": "slime_xvocab.hooks.reward_func",
+    "custom_reward_post_process_path": "slime_xvocab.hooks.post_process_rewards",
+    "custom_rollout_log_function_path": "slime_xvocab.hooks.log_rollout_data",
+    "rollout_sample_hook_path": "slime_xvocab.hooks.mark_evaluation",
+}
+SAMPLE_CLASSES = [pytest.param(Sample, id="standin")]
+if real_sample_class() is not None:
+    SAMPLE_CLASSES.append(pytest.param(real_sample_class(), id="slime"))
+else:
+    SAMPLE_CLASSES.append(pytest.param(None, id="slime", marks=pytest.mark.skip(reason="no slime here")))
+
+PROMPTS = [
+    "What is 347 + 85?",
+    "Translate to Chinese: good morning",
+    "Write a Python function that adds two numbers.",
+    "Name three emoji for a party.",
+]
+RESPONSES = [
+    "347 + 85 = 432.",
+    "早上好！ (zǎoshang hǎo) 🌞",
+    "def add(a, b):\n    return a + b\n",
+    "🎉🥳🎈 — party time!",
+]
+QWEN_KWARGS = {"enable_thinking": False}
+
+
+async def task_reward(args, sample, **kwargs) -> float:
+    """An inner reward for the tests: 1.0 if the response mentions a digit."""
+    return float(any(c.isdigit() for c in sample.response))
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = max(len(load_tokenizer(name)) for name in ("qwen3", "llama3_1", "gemma3"))
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # sharper than the 0.02 init so log-probs vary between tokens
+        model.model.embed_tokens.weight.normal_(0.0, 1.0)
+    path = tmp_path_factory.mktemp("xvocab_teacher")
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(teacher_dir):
+    with start_teacher_server(teacher_dir) as handle:
+        yield handle
+
+
+@pytest.fixture(scope="module")
+def dead_url():
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hook_caches():
+    hooks.reset()
+    yield
+    hooks.reset()
+
+
+def xargs(url: str, teacher: str = "llama3_1", **overrides):
+    """slime args for a Qwen3 student and the given teacher family, pure distillation."""
+    values = {
+        "hf_checkpoint": str(tokenizer_dir("qwen3")),
+        "xvocab_teacher_tokenizer": str(tokenizer_dir(teacher)),
+        "xvocab_teacher_urls": url,
+        "xvocab_max_retries": 0,
+        "xvocab_timeout_s": 30.0,
+        "n_samples_per_prompt": 2,
+        "rollout_batch_size": 2,
+    }
+    values.update(overrides)
+    return make_args(**values)
+
+
+def rollout(cls, n: int = 4, *, with_messages: bool = True, seed: int = 0) -> list:
+    """n finished Qwen3 rollouts as slime leaves them: student-template prompt ids + response ids + EOT."""
+    tok = load_tokenizer("qwen3")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **QWEN_KWARGS)
+        prompt_ids = tok.encode(text, add_special_tokens=False)
+        response_ids = tok.encode(RESPONSES[i % len(RESPONSES)], add_special_tokens=False) + [eot]
+        lps = (-rng.exponential(1.0, len(response_ids))).astype(np.float32).tolist()
+        sample = make_sample(
+            cls, prompt_ids=prompt_ids, response_ids=response_ids, rollout_log_probs=lps,
+            group_index=i // 2, index=i, prompt=text, response=RESPONSES[i % len(RESPONSES)],
+            metadata={"messages": messages} if with_messages else {},
+        )
+        out.append(sample)
+    return out
+
+
+def run_rollout(args, samples, *, evaluation: bool = False, rollout_id: int = 0):
+    """slime's per-sample path: sample hooks (told evaluation=), then the reward, all on one loop."""
+    hook = load_function(HOOK_PATHS["rollout_sample_hook_path"])
+    rm = load_function(HOOK_PATHS["custom_rm_path"])
+
+    async def one(sample):
+        kwargs = {"rollout_id": rollout_id, "evaluation": evaluation}
+        params = inspect.signature(hook).parameters
+        result = hook(args, sample, **{k: v for k, v in kwargs.items() if k in params})
+        if inspect.isawaitable(result):
+            result = await result
+        sample = result or sample
+        sample.reward = await rm(args, sample)  # slime's async_rm passes no evaluation flag
+        return sample
+
+    async def main():
+        return await asyncio.gather(*(one(s) for s in samples))
+
+    return asyncio.run(main())
+
+
+def logged(caplog, what: str) -> dict:
+    records = [
+        r for r in caplog.records
+        if r.name == "slime_xvocab.hooks" and isinstance(r.args, tuple) and r.args and r.args[0] == what
+    ]
+    assert records, f"no {what} metrics were logged"
+    return records[-1].args[2]
+
+
+# ---------------------------------------------------------------------------------------------- contracts
+
+
+@pytest.mark.parametrize("flag", list(HOOK_PATHS))
+def test_hooks_load_by_dotted_path_with_slimes_parameter_names(flag):
+    fn = load_function(HOOK_PATHS[flag])
+    params = inspect.signature(fn).parameters
+    names = tuple(p.name for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    assert names == SIGNATURES[flag]
+    if flag == "custom_rm_path":
+        assert inspect.iscoroutinefunction(fn), "slime awaits the custom reward function"
+        assert any(p.kind == p.VAR_KEYWORD for p in params.values()), "slime's async_rm passes **kwargs"
+    if flag == "rollout_sample_hook_path":
+        for kw in SAMPLE_HOOK_KWARGS:
+            assert params[kw].kind == params[kw].KEYWORD_ONLY
+    if flag == "custom_reward_post_process_path":
+        assert not inspect.iscoroutinefunction(fn), "slime calls the post-process synchronously"
+
+
+def test_public_names_of_hooks_module():
+    expected = {"reward_func", "post_process_rewards", "mark_evaluation", "log_rollout_data"}
+    assert expected <= set(hooks.__all__)
+
+
+# ---------------------------------------------------------------------------------------------- rollouts
+
+
+@pytest.mark.parametrize("cls", SAMPLE_CLASSES)
+def test_cross_vocab_rollout_through_every_hook(cls, teacher, caplog):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(teacher.url)
+    samples = run_rollout(args, rollout(cls))
+    assert [s.reward for s in samples] == [0.0] * 4  # pure distillation: a float, not the teacher's JSON
+    for s in samples:
+        assert s.metadata["xvocab"]["failed"] is False, s.metadata["xvocab"]["error"]
+
+    # The rollout log runs before the post-process (slime's order) and returns False (keep slime's logging).
+    log_fn = load_function(HOOK_PATHS["custom_rollout_log_function_path"])
+    assert log_fn(3, args, samples, {}, 1.5) is False
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/step"] == 3
+    for key in ("covered_fraction", "one_to_one_fraction", "mean_chunk_width", "max_chunk_width",
+                "unaligned_tokens", "eot_mapped_fraction", "teacher_student_token_ratio",
+                "teacher_latency_p50_s", "teacher_latency_p99_s", "teacher_retries", "teacher_failures",
+                "exact_bytes_fraction", "teacher_requests"):
+        assert f"rollout/xvocab/{key}" in metrics, key
+    assert metrics["rollout/xvocab/samples"] == 4
+    assert metrics["rollout/xvocab/teacher_failures"] == 0
+    assert metrics["rollout/xvocab/teacher_requests"] == 4
+    assert metrics["rollout/xvocab/eot_mapped_fraction"] == 1.0
+    assert metrics["rollout/xvocab/covered_fraction"] == 1.0  # every byte and the EOT find a teacher chunk
+    assert metrics["rollout/xvocab/max_chunk_width"] > 1  # Qwen3 splits 347 into digits, Llama-3 does not
+
+    post = load_function(HOOK_PATHS["custom_reward_post_process_path"])
+    raw, rewards = post(args, samples)
+    assert raw == [0.0] * 4 and rewards == [0.0] * 4
+    assert logged(caplog, "post-process")["rollout/xvocab/fallback_samples"] == 0
+
+    # Independently: the same view, scored by a separate client, credited the same way.
+    builder = TeacherViewBuilder(load_tokenizer("qwen3"), load_tokenizer("llama3_1"))
+    with SyncTeacherClient(teacher.url) as client:
+        for s in samples:
+            if hasattr(s, "validate"):
+                s.validate()
+            tlp = s.teacher_log_probs
+            assert isinstance(tlp, torch.Tensor) and tlp.dtype == torch.float32
+            assert tlp.shape == (s.response_length,) and torch.isfinite(tlp).all()
+            view = builder.build(s.metadata["messages"], s.tokens[-s.response_length:])
+            scores = client.score(view.input_ids, view.response_start)
+            expected = assign_credit(view.alignment, scores.log_probs, np.asarray(s.rollout_log_probs))
+            np.testing.assert_array_equal(tlp.numpy(), expected)
+
+    advantages = apply_opd_kl(args, samples)
+    for s, adv in zip(samples, advantages, strict=True):
+        assert np.isfinite(adv).all() and np.abs(adv).sum() > 0
+        restored = pickle.loads(pickle.dumps(s))  # samples cross Ray actors
+        assert torch.equal(restored.teacher_log_probs, s.teacher_log_probs)
+        assert restored.metadata["xvocab"]["stats"] == s.metadata["xvocab"]["stats"]
+
+
+@pytest.mark.parametrize("cls", SAMPLE_CLASSES)
+def test_unaligned_positions_have_zero_delta(cls, teacher):
+    """Gemma-3 (SentencePiece) teacher with a tight context: the tail and specials stay unaligned."""
+    args = xargs(teacher.url, teacher="gemma3", xvocab_max_teacher_tokens=28)
+    samples = run_rollout(args, rollout(cls))
+    builder = TeacherViewBuilder(load_tokenizer("qwen3"), load_tokenizer("gemma3"), max_teacher_tokens=28)
+    n_unaligned = 0
+    for s, adv in zip(samples, apply_opd_kl(args, samples), strict=True):
+        view = builder.build(s.metadata["messages"], s.tokens[-s.response_length:])
+        unaligned = view.alignment.student_chunk < 0
+        n_unaligned += int(unaligned.sum())
+        np.testing.assert_array_equal(
+            s.teacher_log_probs.numpy()[unaligned],
+            np.asarray(s.rollout_log_probs, dtype=np.float32)[unaligned],
+        )
+        assert (adv[unaligned] == 0.0).all()
+        assert s.metadata["xvocab"]["failed"] is False, s.metadata["xvocab"]["error"]
+        stats = s.metadata["xvocab"]["stats"]
+        assert stats["unaligned_tokens"] == unaligned.sum()
+    assert n_unaligned > 0, "the 28-token teacher context must cut some responses"
+
+
+@pytest.mark.parametrize("cls", SAMPLE_CLASSES)
+def test_same_tokenizer_reproduces_slimes_opd_exactly(cls, teacher):
+    args = xargs(teacher.url, teacher="qwen3")
+    samples = run_rollout(args, rollout(cls, with_messages=False))  # slime's OPD needs no messages either
+    with httpx.Client(trust_env=False) as http:
+        for s in samples:
+            answer = http.post(teacher.url + "/generate", json=slime_opd_request(s)).json()
+            expected = slime_opd_teacher_log_probs(answer, s.response_length)
+            np.testing.assert_array_equal(s.teacher_log_probs.numpy(), expected)
+            assert s.metadata["xvocab"]["stats"]["one_to_one_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("cls", SAMPLE_CLASSES)
+def test_evaluation_samples_never_reach_the_teacher(cls, dead_url):
+    args = xargs(dead_url, xvocab_inner_rm_path="test_hooks.task_reward")
+    marked = rollout(cls, 2)
+    run_rollout(args, marked, evaluation=True)  # told by the sample hook
+    heuristic = rollout(cls, 2)
+    for s in heuristic:  # slime sets custom_rm_path on eval samples (from the eval dataset config)
+        s.custom_rm_path = "slime_xvocab.hooks.reward_func"
+
+    async def score(samples):
+        return await asyncio.gather(*(hooks.reward_func(args, s) for s in samples))
+
+    rewards = asyncio.run(score(heuristic))
+    for s, r in zip(marked + heuristic, [m.reward for m in marked] + rewards, strict=True):
+        assert r == float(any(c.isdigit() for c in s.response))  # the task reward, from the inner rm
+        assert s.teacher_log_probs is None and s.metadata["xvocab"]["evaluation"] is True
+    assert hooks._cached(hooks._RUNTIMES, args) is None, "no tokenizer or teacher client was even created"
+
+    # Without an inner reward, eval gets 0.0; the sample hook's evaluation=False beats the heuristic.
+    hooks.reset()
+    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    train = rollout(cls, 1)
+    train[0].custom_rm_path = "slime_xvocab.hooks.reward_func"
+    run_rollout(args, train, evaluation=False)
+    assert train[0].metadata["xvocab"]["failed"] is True  # it was sent (to a dead teacher)
+    assert asyncio.run(hooks.reward_func(args, rollout(cls, 1)[0], evaluation=True)) == 0.0
+
+
+@pytest.mark.parametrize("cls", SAMPLE_CLASSES)
+def test_inner_reward_combines_with_distillation(cls, teacher):
+    args = xargs(teacher.url, xvocab_inner_rm_path="test_hooks.task_reward")
+    samples = run_rollout(args, rollout(cls))
+    assert [s.reward for s in samples] == [1.0, 0.0, 0.0, 0.0]
+    assert all(s.teacher_log_probs is not None for s in samples)
+    raw, rewards = hooks.post_process_rewards(args, samples)
+    assert raw == [1.0, 0.0, 0.0, 0.0]
+    assert rewards == slime_group_normalize(args, raw)
+
+
+def test_group_rm_passes_a_list(teacher):
+    args = xargs(teacher.url, group_rm=True)
+    samples = rollout(Sample, 2)
+    rewards = asyncio.run(hooks.reward_func(args, samples))
+    assert rewards == [0.0, 0.0] and all(s.teacher_log_probs is not None for s in samples)
+
+
+def test_missing_messages_fall_back_and_are_counted(teacher, caplog):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(teacher.url, xvocab_max_failed_fraction=1.0)
+    samples = run_rollout(args, rollout(Sample, 2, with_messages=False))
+    for s in samples:
+        assert s.metadata["xvocab"]["failed"] is True
+        assert "metadata has no 'messages'" in s.metadata["xvocab"]["error"]
+        np.testing.assert_array_equal(s.teacher_log_probs.numpy(), np.float32(s.rollout_log_probs))
+    hooks.log_rollout_data(0, args, samples, None, 0.0)
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/xvocab/teacher_failures"] == 2
+    assert metrics["rollout/xvocab/unaligned/teacher_failed"] == sum(s.response_length for s in samples)
+    assert metrics["rollout/xvocab/covered_fraction"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+
+def test_dead_teacher_falls_back_to_student_log_probs(dead_url, caplog):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    samples = run_rollout(args, rollout(Sample))
+    for s, adv in zip(samples, apply_opd_kl(args, samples), strict=True):
+        assert s.metadata["xvocab"]["failed"] is True
+        assert "TeacherUnavailable" in s.metadata["xvocab"]["error"]
+        assert (adv == 0.0).all()
+    hooks.log_rollout_data(1, args, samples, None, 0.0)
+    assert logged(caplog, "rollout")["rollout/xvocab/teacher_failures"] == 4
+    raw, rewards = hooks.post_process_rewards(args, samples)
+    assert logged(caplog, "post-process")["rollout/xvocab/fallback_samples"] == 4
+    assert rewards == [0.0] * 4
+
+
+def test_dead_teacher_beyond_max_failed_fraction_stops_with_a_clear_error(dead_url):
+    args = xargs(dead_url, xvocab_max_failed_fraction=0.25)
+    samples = run_rollout(args, rollout(Sample))
+    with pytest.raises(TeacherError, match=r"4 of 4 samples could not be scored") as info:
+        hooks.post_process_rewards(args, samples)
+    assert dead_url in str(info.value) and "health_generate" in str(info.value)
+
+
+def test_dead_teacher_with_fallback_error_raises_naming_the_sample(dead_url):
+    args = xargs(dead_url, xvocab_fallback="error")
+    with pytest.raises(TeacherError, match=r"(?s)sample \(group_index=0, index=0\).*xvocab_fallback=error"):
+        run_rollout(args, rollout(Sample, 1))
+
+
+def test_post_process_fills_samples_the_reward_hook_skipped(teacher):
+    args = xargs(teacher.url, xvocab_max_failed_fraction=0.5)
+    samples = run_rollout(args, rollout(Sample, 4))
+    skipped = samples[0]
+    skipped.teacher_log_probs = None  # e.g. a sample whose reward was set before slime called us
+    hooks.post_process_rewards(args, samples)
+    np.testing.assert_array_equal(skipped.teacher_log_probs.numpy(), np.float32(skipped.rollout_log_probs))
+    with pytest.raises(SampleError, match="no teacher_log_probs"):
+        skipped.teacher_log_probs = None
+        hooks.post_process_rewards(xargs(teacher.url, xvocab_fallback="error"), samples)
+
+
+def test_bad_config_is_one_clear_error(dead_url):
+    args = xargs(
+        dead_url,
+        xvocab_teacher_tokenzier="/x",
+        xvocab_credit_mode="chunks",
+        xvocab_timeout_s="soon",
+        use_opd=False,
+    )
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(hooks.reward_func(args, rollout(Sample, 1)[0]))
+    message = str(info.value)
+    assert "4 problem(s)" in message
+    assert "did you mean 'xvocab_teacher_tokenizer'" in message
+    assert "did you mean 'chunk'" in message and "xvocab_timeout_s" in message and "--use-opd" in message
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"advantage_estimator": "grpo"},
+        {"advantage_estimator": "gspo"},
+        {"advantage_estimator": "cispo", "grpo_std_normalization": False},
+        {"advantage_estimator": "reinforce_plus_plus_baseline"},
+        {"advantage_estimator": "reinforce_plus_plus"},
+        {"advantage_estimator": "grpo", "rewards_normalization": False},
+        {"advantage_estimator": "grpo", "rollout_batch_size": 5},  # uneven batch: one group
+    ],
+)
+def test_reward_normalisation_matches_slimes_default(overrides, dead_url):
+    args = xargs(dead_url, **{"n_samples_per_prompt": 4, "rollout_batch_size": 3, **overrides})
+    raw = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.5, 0.25, 1.0, 0.0]
+    samples = []
+    for i, r in enumerate(raw):
+        s = Sample(index=i, response_length=1, rollout_log_probs=[-0.5], reward=r)
+        s.teacher_log_probs = torch.tensor([-1.0])
+        samples.append(s)
+    got_raw, got = hooks.post_process_rewards(args, samples)
+    assert got_raw == raw
+    assert got == slime_group_normalize(args, raw)
+
+
+def test_dict_rewards_use_reward_key(dead_url):
+    args = xargs(dead_url, reward_key="acc", advantage_estimator="reinforce_plus_plus")
+    s = Sample(response_length=1, rollout_log_probs=[-0.5], reward={"acc": 1.0, "len": 3})
+    s.teacher_log_probs = torch.tensor([-1.0])
+    assert hooks.post_process_rewards(args, [s]) == ([1.0], [1.0])
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+
+EXAMPLE_SCRIPTS = sorted(
+    [*ROOT.glob("examples/**/*.sh"), *ROOT.glob("scripts/*.sh")], key=lambda p: str(p)
+)
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_scripts_parse_with_bash_n(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_hook_path_in_examples_resolves_with_the_right_parameters():
+    flag_of = {f"--{k.replace('_', '-')}": k for k in HOOK_PATHS}
+    found = 0
+    for path in [*ROOT.glob("examples/**/*.sh"), *ROOT.glob("examples/**/*.md"), *ROOT.glob("docs/*.md")]:
+        for flag, dotted in re.findall(r"(--[a-z-]+)[ =]+(slime_xvocab\.[\w.]+)", path.read_text()):
+            fn = load_function(dotted)
+            if flag in flag_of:
+                params = inspect.signature(fn).parameters
+                names = tuple(p.name for p in params.values() if p.kind == p.POSITIONAL_OR_KEYWORD)
+                assert names == SIGNATURES[flag_of[flag]], f"{path}: {flag} {dotted}"
+                found += 1
+    assert found >= 12, "the example launch scripts should name all four hooks"
+
+
+def test_launch_teacher_script_starts_waits_and_stops_only_its_server(teacher_dir, tmp_path):
+    """scripts/launch_teacher.sh with the reference engine (CPU): health wait, printed URL, detach, stop."""
+    port = free_port()
+    pid_file = tmp_path / "teacher.pid"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [str(ROOT / "scripts" / "launch_teacher.sh"), "--model", str(teacher_dir), "--engine", "reference",
+         "--gpus", "", "--host", "127.0.0.1", "--port", str(port), "--timeout", "120",
+         "--log", str(tmp_path / "t.log"), "--detach", "--pid-file", str(pid_file), "--", "--num-threads", "1"],
+        capture_output=True, text=True, env=env, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    url = result.stdout.strip()
+    assert url == f"http://127.0.0.1:{port}"
+    pid = int(pid_file.read_text())
+    try:
+        with SyncTeacherClient(url) as client:
+            assert len(client.score([1, 2, 3, 4], 2).log_probs) == 2
+    finally:
+        os.killpg(pid, 15)  # what the run scripts do: the server's own process group
+    for _ in range(100):
+        if subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the teacher did not stop")
