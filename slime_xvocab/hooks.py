@@ -327,7 +327,7 @@ class _View:
     exact_bytes: bool = True
 
 
-def _identity_view(sample: Any, n: int, max_tokens: int | None) -> _View:
+def _identity_view(sample: Any, n: int, max_tokens: int | None, end_ids: Any = ()) -> _View:
     """slime's own OPD request: ``sample.tokens`` as they are, each response token its own chunk."""
     ids = list(sample.tokens)
     start = len(ids) - n
@@ -339,12 +339,13 @@ def _identity_view(sample: Any, n: int, max_tokens: int | None) -> _View:
     reason = np.zeros(n, dtype=np.int8)
     reason[kept:] = Unaligned.TEACHER_CONTEXT
     alignment = Alignment(student_chunk, np.arange(kept, dtype=np.int64), reason, kept)
-    return _View(ids, start, alignment, eot_mapped=True, teacher_truncated_tokens=cut)
+    ends_turn = kept == n and n > 0 and int(sample.tokens[-1]) in end_ids
+    return _View(ids, start, alignment, eot_mapped=ends_turn, teacher_truncated_tokens=cut)
 
 
 def _build_view(runtime: _Runtime, sample: Any, n: int, sid: str) -> _View:
     if runtime.builder.same_tokenizer:
-        return _identity_view(sample, n, runtime.config.max_teacher_tokens)
+        return _identity_view(sample, n, runtime.config.max_teacher_tokens, runtime.builder.student_end_ids)
     messages = _messages(sample, runtime.config, sid)
     md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
     response_ids = list(sample.tokens[len(sample.tokens) - n :])

@@ -36,7 +36,7 @@ METRICS: dict[str, str] = {
     "unaligned_tokens": "student response tokens with no teacher signal (they keep their own log-prob: "
     "OPD delta 0)",
     "unaligned/<reason>": "unaligned tokens by reason: special, teacher_context, invalid_utf8, "
-    "no_teacher_tokens, teacher_failed, byte_mismatch",
+    "no_teacher_tokens, byte_mismatch, teacher_failed, invalid_sample",
     "eot_mapped_fraction": "share of samples whose final end-of-turn token was paired with the teacher's "
     "end-of-turn token (samples cut by the length limit have none to pair)",
     "teacher_student_token_ratio": "teacher response tokens / student response tokens over the rollout",

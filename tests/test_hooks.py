@@ -356,7 +356,7 @@ def test_missing_messages_fall_back_and_are_counted(teacher, caplog):
     hooks.log_rollout_data(0, args, samples, None, 0.0)
     metrics = logged(caplog, "rollout")
     assert metrics["rollout/xvocab/teacher_failures"] == 2
-    assert metrics["rollout/xvocab/unaligned/teacher_failed"] == sum(s.response_length for s in samples)
+    assert metrics["rollout/xvocab/unaligned/invalid_sample"] == sum(s.response_length for s in samples)
     assert metrics["rollout/xvocab/covered_fraction"] == 0.0
 
 

@@ -8,7 +8,9 @@ each error envelope. Nothing wrong may silently become log-probs.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import socket
 import threading
 
@@ -106,6 +108,8 @@ class FaultServer:
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.default != "down" else 503)
@@ -498,6 +502,44 @@ def test_async_client_works_across_event_loops(server):
     assert len(asyncio.run(run())) == 4
     assert len(asyncio.run(run())) == 4  # a new loop gets a new semaphore and pool
     assert c.stats()["sequences"] == 8
+
+
+def test_client_left_open_on_a_finished_loop_is_closed_quietly(server, caplog):
+    """Two asyncio.run() calls without aclose(): the pool of the dead loop is closed, nothing is logged."""
+    async def run(c: TeacherClient) -> list:
+        return await c.score_many([(IDS, 5)] * 4)
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        c = TeacherClient(server.url, max_concurrency=2, trust_env=False)
+        assert len(asyncio.run(run(c))) == 4
+        assert len(asyncio.run(run(c))) == 4
+        asyncio.run(c.aclose())  # on a third loop: the second loop's pool is closed too
+        del c
+        gc.collect()
+    assert not [r for r in caplog.records if "Unclosed" in r.getMessage()]
+
+
+def _clear_proxy_env(monkeypatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
+def test_trust_env_sends_through_the_environments_proxy(server, server2, monkeypatch):
+    """trust_env: HTTP_PROXY and its credentials are used (server2 plays the proxy); NO_PROXY bypasses it."""
+    _clear_proxy_env(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", server2.url.replace("http://", "http://user:pw@"))
+    with client(server.url, trust_env=True) as c:
+        np.testing.assert_allclose(c.score(IDS, 5).log_probs, expected_lps(IDS, 5), atol=1e-6)
+    assert server2.requests == 1 and server.requests == 0
+    assert server2.headers[0]["Proxy-Authorization"] == "Basic dXNlcjpwdw=="  # base64("user:pw")
+    with client(server.url, trust_env=False) as c:
+        c.score(IDS, 5)
+    assert server.requests == 1
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    with client(server.url, trust_env=True) as c:
+        c.score(IDS, 5)
+    assert server.requests == 2 and server2.requests == 1
 
 
 # ---------------------------------------------------------------------------- stats
