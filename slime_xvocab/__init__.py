@@ -8,6 +8,45 @@ The data flow, one module per stage:
     ④ ``alignment``       map teacher log-probs onto student positions (byte-exact chunks), using
                           ``token_bytes`` for the bytes each token id spells
     ⑤ ``hooks``           slime's reward / post-process hooks: write ``sample.teacher_log_probs``
+
+The names below are the public API; they import lazily, so ``import slime_xvocab`` stays cheap and needs
+none of slime, ray, sglang or megatron.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "TokenBytes": "token_bytes",
+    "token_bytes": "token_bytes",
+    "Alignment": "alignment",
+    "AlignmentStats": "alignment",
+    "BatchAlignment": "alignment",
+    "Unaligned": "alignment",
+    "align_batch": "alignment",
+    "align_response": "alignment",
+    "align_spans": "alignment",
+    "align_tokens": "alignment",
+    "assign_credit": "alignment",
+    "encode_bytes": "alignment",
+    "TeacherView": "teacher_view",
+    "TeacherViewBuilder": "teacher_view",
+    "messages_from_metadata": "teacher_view",
+    "TeacherClient": "teacher_client",
+    "SyncTeacherClient": "teacher_client",
+    "TeacherScores": "teacher_client",
+    "XVocabConfig": "config",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'slime_xvocab' has no attribute {name!r}")
