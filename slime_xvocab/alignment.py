@@ -41,7 +41,9 @@ from .errors import ByteMismatchError, SampleError
 from .token_bytes import TokenBytes, tokenizer_lock
 
 CREDIT_MODES = ("chunk", "exact")
-CHUNK_SPLITS = ("uniform", "proportional")
+CHUNK_SPLITS = ("uniform", "proportional", "prefix")
+#: Top-k teacher log-probs per position that ``split="prefix"`` asks the teacher for by default.
+PREFIX_TOP_K = 20
 
 
 class Unaligned(IntEnum):
@@ -563,6 +565,8 @@ def assign_credit(
         raise ValueError(f"credit mode must be one of {CREDIT_MODES}, got {mode!r}")
     if split not in CHUNK_SPLITS:
         raise ValueError(f"chunk split must be one of {CHUNK_SPLITS}, got {split!r}")
+    if split == "prefix" and mode == "chunk":
+        raise ValueError("split='prefix' needs token bytes and the teacher's top-k: use prefix_credit()")
     teacher = np.asarray(teacher_log_probs, dtype=np.float64)
     student = np.asarray(student_log_probs, dtype=np.float64)
     if teacher.shape != (alignment.n_teacher,) or student.shape != (alignment.n_student,):
@@ -590,6 +594,112 @@ def assign_credit(
         use = np.append(safe, False)[s_chunk]
         out = np.where(use, student * ratio[s_chunk], out)
     return out.astype(np.float32)
+
+
+def prefix_credit(
+    alignment: Alignment,
+    student_spans: np.ndarray,
+    teacher_spans: np.ndarray,
+    teacher_ids: np.ndarray,
+    data: bytes,
+    teacher_log_probs: np.ndarray,
+    teacher_top: Sequence[tuple[np.ndarray, np.ndarray]] | None,
+    student_log_probs: np.ndarray,
+    teacher_table: TokenBytes,
+) -> np.ndarray:
+    """Chunk credit that follows the teacher's byte-level prefix probabilities (``split="prefix"``).
+
+    A teacher token's log-prob also says where the token *ends*: Llama-3 writing ``2`` (a whole number)
+    after "What is 20 + 6?" is unlikely because the answer is ``26``, not because it starts with ``2``.
+    Splitting that log-prob evenly (or giving it all to a 1:1 student token ``2``) punishes the student's
+    correct first digit and lets the decision that really was wrong, stopping after ``2``, go free.
+
+    With the teacher's top-k distribution at each position, the probability that the text *continues with
+    a byte prefix* ``p`` of the teacher token is approximated by ``mass(p) = sum of P(v)`` over candidate
+    tokens ``v`` (top-k plus the actual token) whose bytes start with ``p``. For a chunk spanning bytes
+    ``(L, R]`` let ``F(x)`` be the teacher's log-prob of the bytes ``(L, x]``: the log-probs of the teacher
+    tokens that end before ``x`` plus ``log mass`` of the part of the token containing ``x``. Student token
+    ``j`` covering ``(b_prev, b_j]`` gets ``F(b_j) - F(b_prev)``: exactly what the teacher thinks of *its
+    bytes*. What remains of the chunk, ``log P(last teacher token) - log mass(its bytes)`` (the teacher's
+    opinion that the token ends there), is charged to the next student token: the token whose bytes show
+    the text did not continue. Over the response the values still sum to the teacher's total log-prob.
+
+    Chunks located through an offset mapping (the teacher's normaliser rewrote the text), chunks of
+    zero-width tokens (end of turn) and chunks without a top-k fall back to the uniform split.
+
+    Args:
+        alignment: the sample's alignment.
+        student_spans, teacher_spans: int64 ``[n, 2]`` byte spans in ``data`` (zero-width for specials).
+        teacher_ids: int64 ``[n_teacher]``.
+        data: the student's response bytes.
+        teacher_log_probs: float ``[n_teacher]``.
+        teacher_top: per teacher position ``(ids, log_probs)`` of its top-k candidates, or None.
+        student_log_probs: float ``[n_student]``; unaligned positions return exactly these.
+        teacher_table: the teacher's :class:`~slime_xvocab.token_bytes.TokenBytes`.
+
+    Returns:
+        float32 ``[n_student]``. Where the prefix split applies every value is a log-prob (<= 0).
+    """
+    student = np.asarray(student_log_probs, dtype=np.float64)
+    teacher = np.asarray(teacher_log_probs, dtype=np.float64)
+    out = assign_credit(alignment, teacher, student, mode="chunk", split="uniform").astype(np.float64)
+    if teacher_top is None or not alignment.num_chunks:
+        return out.astype(np.float32)
+    s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
+    s_order = np.argsort(s_chunk, kind="stable")
+    t_order = np.argsort(t_chunk, kind="stable")
+    s_bounds = np.searchsorted(s_chunk[s_order], np.arange(alignment.num_chunks + 1))
+    t_bounds = np.searchsorted(t_chunk[t_order], np.arange(alignment.num_chunks + 1))
+    carry_to: dict[int, float] = {}
+    for c in range(alignment.num_chunks):
+        s_pos = s_order[s_bounds[c]:s_bounds[c + 1]]
+        t_pos = t_order[t_bounds[c]:t_bounds[c + 1]]
+        t_sp = teacher_spans[t_pos]
+        if (t_sp[:, 1] <= t_sp[:, 0]).any() or any(teacher_top[i] is None for i in t_pos):
+            continue
+        if b"".join(teacher_table.bytes_of(teacher_ids[i:i + 1]) for i in t_pos) != data[t_sp[0, 0]:t_sp[-1, 1]]:
+            continue  # located through offsets: bytes differ, keep the uniform split
+        values, residual = _chunk_prefix_values(
+            student_spans[s_pos, 1], t_pos, t_sp, teacher_ids, teacher, teacher_top, teacher_table, data
+        )
+        out[s_pos] = values
+        nxt = s_pos[-1] + 1
+        if nxt < len(s_chunk) and s_chunk[nxt] >= 0:
+            carry_to[nxt] = carry_to.get(nxt, 0.0) + residual
+        else:  # nothing follows that shows the token ended: the chunk keeps its full log-prob
+            out[s_pos[-1]] += residual
+    for j, residual in carry_to.items():
+        out[j] += residual
+    return out.astype(np.float32)
+
+
+def _chunk_prefix_values(s_ends, t_pos, t_spans, teacher_ids, teacher, teacher_top, table, data):
+    """Per-student-token values of one byte-exact chunk, and the residual for the next token."""
+    values = np.empty(len(s_ends))
+    cum = 0.0  # log-prob of the teacher tokens that ended before the current one
+    prev_f = 0.0
+    k = 0
+    for n_tok, i in enumerate(t_pos):
+        start, end = int(t_spans[n_tok, 0]), int(t_spans[n_tok, 1])
+        cand_ids, cand_lps = teacher_top[i]
+        actual = int(teacher_ids[i])
+        cand_ids = np.asarray(cand_ids)
+        # Model vocabularies are often padded past the tokenizer's; those rows spell nothing.
+        others = (cand_ids != actual) & (cand_ids >= 0) & (cand_ids < table.vocab_size)
+        ids = np.append(np.asarray(cand_ids)[others], actual)
+        lps = np.append(np.asarray(cand_lps, dtype=np.float64)[others], teacher[i])  # the actual token last
+        cand_bytes = [table.bytes_of(ids[m:m + 1]) for m in range(len(ids))]
+        while k < len(s_ends) and s_ends[k] <= end:
+            prefix = data[start:int(s_ends[k])]
+            match = np.fromiter((b.startswith(prefix) for b in cand_bytes), dtype=bool, count=len(ids))
+            f = cum + np.logaddexp.reduce(lps[match])  # the actual token always matches
+            values[k] = f - prev_f
+            prev_f = f
+            k += 1
+        cum += teacher[i]
+    # F at the chunk's end is cum - log P(last) + log mass(last token's bytes); the rest ends the token.
+    residual = cum - prev_f
+    return values, residual
 
 
 # --------------------------------------------------------------------------------------------------

@@ -102,7 +102,10 @@ class XVocabConfig:
     chunk_split: str = _opt(
         "uniform",
         "How a chunk's teacher-minus-student delta is split over its student tokens: `uniform` (equal "
-        "shares) or `proportional` (in proportion to each token's own log-prob). Only for credit_mode=chunk.",
+        "shares), `proportional` (in proportion to each token's own log-prob) or `prefix` (each student "
+        "token gets the teacher's log-prob of its own bytes, from the teacher's top-20 at each position; the "
+        "teacher's opinion that its token ends there goes to the next student token; asks the teacher for "
+        "top-k log-probs). Only for credit_mode=chunk.",
         "choice",
         choices=CHUNK_SPLITS,
     )

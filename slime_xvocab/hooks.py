@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .alignment import Alignment, Unaligned, assign_credit
+from .alignment import PREFIX_TOP_K, Alignment, Unaligned, assign_credit, prefix_credit
 from .config import XVocabConfig
 from .errors import ByteMismatchError, ConfigError, SampleError, TeacherError, XVocabError
 from .metrics import compute_post_process_metrics, compute_rollout_metrics, sample_stats
@@ -225,6 +225,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         max_retries=config.max_retries,
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
+        top_logprobs=PREFIX_TOP_K if config.chunk_split == "prefix" and config.credit_mode == "chunk" else 0,
     )
     inner_args = None
     if config.inner_rm_type:
@@ -325,6 +326,7 @@ class _View:
     eot_mapped: bool = False
     teacher_truncated_tokens: int = 0
     exact_bytes: bool = True
+    source: Any = None  # the TeacherView (spans and bytes for the prefix split)
 
 
 def _identity_view(sample: Any, n: int, max_tokens: int | None, end_ids: Any = ()) -> _View:
@@ -359,6 +361,7 @@ def _build_view(runtime: _Runtime, sample: Any, n: int, sid: str) -> _View:
         bool(view.eot_mapped),
         int(view.teacher_truncated_tokens),
         bool(view.exact_bytes),
+        view,
     )
 
 
@@ -417,13 +420,11 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
             scores = await runtime.client.score(view.input_ids, view.response_start)
-            teacher, latency, attempts = scores.log_probs, scores.latency_s, scores.attempts
+            teacher, top = scores.log_probs, scores.top_log_probs
+            latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
-            teacher = np.zeros(0, dtype=np.float32)
-        mode = "exact" if runtime.builder.same_tokenizer else config.credit_mode
-        values = await asyncio.to_thread(
-            assign_credit, view.alignment, teacher, student, mode=mode, split=config.chunk_split
-        )
+            teacher, top = np.zeros(0, dtype=np.float32), None
+        values = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
         stats = sample_stats(
             view.alignment.stats().as_dict(),
             latency_s=latency,
@@ -458,6 +459,22 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             )
     sample.teacher_log_probs = _to_tensor(values)
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
+
+
+def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, student: np.ndarray) -> np.ndarray:
+    """One teacher value per student position, by the configured credit mode and chunk split."""
+    config = runtime.config
+    if runtime.builder.same_tokenizer or config.credit_mode == "exact":
+        mode = "exact" if runtime.builder.same_tokenizer else config.credit_mode
+        return assign_credit(view.alignment, teacher, student, mode=mode)
+    if config.chunk_split == "prefix" and view.source is not None:
+        v = view.source
+        return prefix_credit(
+            view.alignment, v.student_spans, v.teacher_spans, np.asarray(v.response_ids, dtype=np.int64),
+            v.response_bytes, teacher, top, student, runtime.builder.teacher_table,
+        )
+    split = "uniform" if config.chunk_split == "prefix" else config.chunk_split
+    return assign_credit(view.alignment, teacher, student, mode="chunk", split=split)
 
 
 def _load_function(path: str) -> Any:

@@ -78,6 +78,10 @@ class TeacherView:
         prompt_text: the teacher prompt as text (for previews and debugging).
         eot_ids: the teacher end-of-turn ids appended (empty if none).
         sample_id: the sample id given to :meth:`TeacherViewBuilder.build`, for messages.
+        response_bytes: the bytes the student's response spells.
+        student_spans, teacher_spans: int64 ``[n, 2]`` byte spans of every student response token and every
+            teacher token after ``response_start`` in ``response_bytes`` (zero-width for control tokens);
+            what :func:`~slime_xvocab.alignment.prefix_credit` needs.
     """
 
     input_ids: list[int]
@@ -89,6 +93,9 @@ class TeacherView:
     prompt_text: str = ""
     eot_ids: tuple[int, ...] = ()
     sample_id: object = None
+    response_bytes: bytes = b""
+    student_spans: np.ndarray | None = None
+    teacher_spans: np.ndarray | None = None
 
     @property
     def response_ids(self) -> list[int]:
@@ -573,6 +580,8 @@ class TeacherViewBuilder:
                 n_resp = len(encoding.ids)
                 alignment = alignment.with_pair([len(response) - 1], list(range(n_resp, n_resp + len(eot))))
         input_ids = prompt_ids + encoding.ids.tolist() + eot
+        data = self.student_table.bytes_of(text_ids)
+        end = np.full((len(eot), 2), len(data), dtype=np.int64)
         return TeacherView(
             input_ids=input_ids,
             response_start=len(prompt_ids),
@@ -583,6 +592,9 @@ class TeacherViewBuilder:
             prompt_text=prompt_text,
             eot_ids=tuple(eot),
             sample_id=sample_id,
+            response_bytes=data,
+            student_spans=response_spans(response, self.student_table),
+            teacher_spans=np.concatenate([encoding.spans.reshape(-1, 2), end]),
         )
 
     def _identity_view(self, prompt_ids, prompt_text, response, room, ends_turn, sample_id) -> TeacherView:
@@ -594,6 +606,7 @@ class TeacherViewBuilder:
         reason = np.zeros(n, dtype=np.int8)
         reason[keep:] = Unaligned.TEACHER_CONTEXT
         alignment = Alignment(student_chunk, np.arange(keep, dtype=np.int64), reason, keep)
+        spans = response_spans(response, self.student_table)
         return TeacherView(
             input_ids=prompt_ids + response[:keep].tolist(),
             response_start=len(prompt_ids),
@@ -604,4 +617,7 @@ class TeacherViewBuilder:
             prompt_text=prompt_text,
             eot_ids=(int(response[-1]),) if ends_turn and keep == n else (),
             sample_id=sample_id,
+            response_bytes=self.student_table.bytes_of(response),
+            student_spans=spans,
+            teacher_spans=spans[:keep],
         )

@@ -40,7 +40,7 @@ from slime_standin import (
 )
 
 from slime_xvocab import hooks
-from slime_xvocab.alignment import assign_credit
+from slime_xvocab.alignment import PREFIX_TOP_K, assign_credit, prefix_credit
 from slime_xvocab.assets import load_tokenizer, tokenizer_dir
 from slime_xvocab.errors import ConfigError, SampleError, TeacherError
 from slime_xvocab.teacher_client import SyncTeacherClient
@@ -285,6 +285,32 @@ def test_unaligned_positions_have_zero_delta(cls, teacher):
         stats = s.metadata["xvocab"]["stats"]
         assert stats["unaligned_tokens"] == unaligned.sum()
     assert n_unaligned > 0, "the 28-token teacher context must cut some responses"
+
+
+def test_prefix_split_asks_for_top_k_and_conserves_the_teacher_mass(teacher):
+    """xvocab_chunk_split=prefix: the hooks fetch the teacher's top-k and give each student token the
+    teacher's log-prob of its own bytes; recomputed here independently from the same server."""
+    args = xargs(teacher.url, xvocab_chunk_split="prefix")
+    samples = run_rollout(args, rollout(Sample))
+    builder = TeacherViewBuilder(load_tokenizer("qwen3"), load_tokenizer("llama3_1"))
+    client = SyncTeacherClient(teacher.url, top_logprobs=PREFIX_TOP_K)
+    try:
+        for s in samples:
+            view = builder.build(s.metadata["messages"], s.tokens[-s.response_length:])
+            scores = client.score(view.input_ids, view.response_start)
+            assert scores.top_log_probs is not None
+            expected = prefix_credit(
+                view.alignment, view.student_spans, view.teacher_spans, np.asarray(view.response_ids),
+                view.response_bytes, scores.log_probs, scores.top_log_probs,
+                np.asarray(s.rollout_log_probs), builder.teacher_table,
+            )
+            got = s.teacher_log_probs.numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-5)
+            assert view.alignment.stats().covered_fraction == 1.0
+            assert got.sum() == pytest.approx(float(scores.log_probs.sum()), abs=1e-3)
+            assert (got <= 1e-5).all()
+    finally:
+        client.close()
 
 
 @pytest.mark.parametrize("cls", SAMPLE_CLASSES)

@@ -100,8 +100,9 @@ class ChatLM:
         R = rmask.shape[1]
         if R == 0:
             return torch.zeros(len(prompts), 0), rmask
-        logits = self.model(input_ids=ids, attention_mask=att, position_ids=pos).logits
-        logits = logits[:, P - 1 : P + R - 1, : self.vocab.other].float()
+        # Only the response positions go through the LM head: it is a large share of a tiny model's FLOPs.
+        hidden = self.model.get_decoder()(input_ids=ids, attention_mask=att, position_ids=pos).last_hidden_state
+        logits = self.model.get_output_embeddings()(hidden[:, P - 1 : P + R - 1])[..., : self.vocab.other].float()
         tgt = ids[:, P : P + R].clamp(max=self.vocab.other - 1)
         logp = logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
         return logp * rmask, rmask
@@ -263,9 +264,9 @@ def sft(
         torch.nn.utils.clip_grad_norm_(lm.model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step is not None:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     lm.model.eval()
     return losses
 
@@ -278,3 +279,34 @@ def greedy_accuracy(lm: ChatLM, prompts: Sequence[list[int]], answers: Sequence[
         ok += sum(lm.decode_response(r).strip() == a for r, a in zip(resp, answers[s : s + 256]))
     return ok / max(1, len(prompts))
 
+
+
+def numeracy_init(lm: ChatLM, scale: float = 1.0, head_scale: float = 0.1) -> int:
+    """Give number tokens a numeric prior: input and output embedding rows = Fourier features of the value.
+
+    A stand-in for pre-training: a teacher that tokenizes ``"347"`` as one token must learn addition over
+    atomic tokens, which a tiny random model learns slowly. With ``cos/sin(2*pi*n/T)`` features (periods 2..2000)
+    in the first dimensions of every number token's rows, the sum is a rotation of the operands' features and
+    SFT reaches high accuracy in a few hundred steps.
+
+    Returns:
+        The number of rows initialised.
+    """
+    emb = lm.model.get_input_embeddings().weight
+    head = lm.model.get_output_embeddings().weight
+    periods = torch.tensor([2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0])
+    n_feat = 2 * len(periods)
+    if emb.shape[1] < 2 * n_feat:
+        return 0
+    count = 0
+    with torch.no_grad():
+        for k, real in enumerate(lm.vocab.real_ids.tolist()):
+            piece = lm.tokenizer.decode([real])
+            if not piece.isdigit():
+                continue
+            ang = 2 * math.pi * int(piece) / periods
+            feat = torch.cat([ang.cos(), ang.sin()]) * scale
+            emb[k, :n_feat] = feat
+            head[k, :n_feat] = feat * head_scale
+            count += 1
+    return count

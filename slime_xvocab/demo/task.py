@@ -7,7 +7,6 @@ Llama-3 groups up to three digits), which is exactly what a cross-vocabulary dis
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
 
@@ -52,9 +51,6 @@ def split_problems(
     shuffled = list(problems)
     rng.shuffle(shuffled)
     return shuffled[n_eval:], shuffled[:n_eval]
-
-
-_NUMBER = re.compile(r"-?\d+")
 
 
 def is_correct(problem: Problem, response_text: str) -> bool:

@@ -1,0 +1,360 @@
+"""The demo's single-process OPD reference loop: teacher/student preparation, rollout, hooks, PPO, eval.
+
+At scale the same hooks run inside slime (rollout on SGLang, training on Megatron); here one process plays
+both parts so that the whole pipeline runs on a laptop CPU in minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import time
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slime_xvocab.demo import fallback, scoring
+from slime_xvocab.demo.models import ChatLM, ModelSize, build_model, numeracy_init, settings_hash, sft
+from slime_xvocab.demo.sample import Sample, Status
+from slime_xvocab.demo.task import Problem, all_problems, is_correct, split_problems
+from slime_xvocab.demo.vocab import CompactVocab
+
+MODES = ("chunk", "exact", "naive")
+
+
+@dataclass
+class DemoConfig:
+    """Every knob of one demo scenario (defaults = the default scenario)."""
+
+    lo: int = 0
+    hi: int = 49
+    n_eval: int = 128
+    seed: int = 0
+    teacher_family: str = "qwen3"
+    student_family: str = "llama3_1"
+    teacher_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
+    student_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
+    teacher_steps: int = 400
+    teacher_lr: float = 3e-3
+    student_steps: int = 200
+    student_lr: float = 3e-3
+    student_frac: float = 0.3
+    sft_batch: int = 128
+    opd_steps: int = 60
+    opd_batch: int = 32
+    opd_lr: float = 3e-4
+    opd_kl_coef: float = 1.0
+    kl_to_start_coef: float = 0.2
+    eps_clip: float = 0.2
+    normalize_advantages: bool = True
+    max_new_tokens: int = 6
+    eval_every: int = 10
+
+    def cache_key(self, which: str) -> str:
+        d = asdict(self)
+        keep = ["lo", "hi", "n_eval", "seed", f"{which}_family", f"{which}_size", f"{which}_steps", f"{which}_lr",
+                "sft_batch"] + (["student_frac"] if which == "student" else [])
+        return f"{which}-{settings_hash({k: d[k] for k in keep})}"
+
+
+TINY = dict(
+    lo=0, hi=19, n_eval=32, teacher_size=ModelSize(64, 1, 4, 256), student_size=ModelSize(64, 1, 4, 256),
+    teacher_steps=150, student_steps=60, opd_steps=4, opd_batch=8, eval_every=2, sft_batch=32,
+)
+
+
+FAMILY = {
+    "qwen3": ("qwen3", "<|im_end|>", {"enable_thinking": False}),
+    "llama3_1": ("llama", "<|eot_id|>", {}),
+}
+
+
+def _number_ids(tok) -> list[int]:
+    """Real ids of every 1-3 digit number token the tokenizer has as a single token."""
+    vocab = tok.get_vocab()
+    strs = [str(i) for i in range(10)] + [f"{i:02d}" for i in range(100)] + [f"{i:03d}" for i in range(1000)]
+    return [vocab[s] for s in strs if s in vocab]
+
+
+def _new_lm(family: str, problems: Sequence[Problem], size: ModelSize, seed: int) -> ChatLM:
+    from slime_xvocab.assets import load_tokenizer
+
+    tok = load_tokenizer(family)
+    arch, eot, kw = FAMILY[family]
+    eot_id = tok.convert_tokens_to_ids(eot)
+    probe = ChatLM(tok, CompactVocab([eot_id]), None, eot_id, kw)
+    corpus = [probe.prompt_ids(p.messages()) + probe.answer_ids(p.answer) for p in problems]
+    vocab = CompactVocab.from_corpus(corpus, _number_ids(tok) + [eot_id])
+    return ChatLM(tok, vocab, build_model(arch, vocab.size, size, seed), eot_id, kw)
+
+
+def prepare_model(
+    cfg: DemoConfig, which: str, cache_root: Path, log: Callable[[str], None], on_step: Callable | None = None
+) -> tuple[ChatLM, Path, bool]:
+    """Train (or load from the cache) the teacher or the weak student.
+
+    The teacher gets SFT on every problem (it plays a strong pretrained model) with a numeracy prior; the
+    student gets a short SFT on ``student_frac`` of the training split only, so it starts weak.
+
+    Returns:
+        ``(lm, model_dir, cached)``.
+    """
+    out = cache_root / cfg.cache_key(which)
+    if (out / "xvocab_demo.json").is_file():
+        return ChatLM.load(out), out, True
+    problems = all_problems(cfg.lo, cfg.hi)
+    train, _ = split_problems(problems, cfg.n_eval, cfg.seed)
+    family = cfg.teacher_family if which == "teacher" else cfg.student_family
+    size = cfg.teacher_size if which == "teacher" else cfg.student_size
+    lm = _new_lm(family, problems, size, cfg.seed + (0 if which == "teacher" else 1))
+    numeracy_init(lm)
+    if which == "teacher":
+        data, steps, lr = problems, cfg.teacher_steps, cfg.teacher_lr
+    else:
+        data = train[: max(1, int(len(train) * cfg.student_frac))]
+        steps, lr = cfg.student_steps, cfg.student_lr
+    examples = [(lm.prompt_ids(p.messages()), lm.answer_ids(p.answer)) for p in data]
+    sft(lm, examples, steps, cfg.sft_batch, lr, cfg.seed, on_step)
+    tmp = out.with_name(out.name + f".tmp{time.time_ns()}")
+    lm.save(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # a concurrent run won the race; use its copy
+        pass
+    return lm, out, False
+
+
+def inproc_scorer(teacher: ChatLM) -> Callable[[list[int]], list[float | None]]:
+    """SGLang-like prefill scoring in process: ``[None, lp(t_1|t_0), ...]`` over real ids, "other" slot kept."""
+
+    @torch.no_grad()
+    def score(ids: list[int]) -> list[float | None]:
+        x = torch.from_numpy(teacher.vocab.to_model(ids)).unsqueeze(0)
+        logp = torch.log_softmax(teacher.model(input_ids=x).logits[0, :-1].float(), -1)
+        return [None] + logp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+def make_samples(
+    student: ChatLM, problems: Sequence[Problem], max_new: int, gen: torch.Generator, messages_key: str,
+    temperature: float = 1.0, start_index: int = 0,
+) -> list[Sample]:
+    """Sample one response per problem and wrap it as a slime-shaped :class:`Sample`."""
+    prompts = [student.prompt_ids(p.messages()) for p in problems]
+    resp, lps, finished = student.sample(prompts, max_new, temperature=temperature, generator=gen)
+    out = []
+    for i, (p, pr, r, lp, fin) in enumerate(zip(problems, prompts, resp, lps, finished)):
+        out.append(Sample(
+            group_index=start_index + i, index=start_index + i, prompt=student.tokenizer.decode(pr),
+            tokens=pr + r, response=student.decode_response(r), response_length=len(r), label=p.answer,
+            rollout_log_probs=lp, status=Status.COMPLETED if fin else Status.TRUNCATED,
+            metadata={messages_key: p.messages(), "problem": (p.a, p.b)}, loss_mask=[1] * len(r),
+        ))
+    return out
+
+
+def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, student: ChatLM,
+               teacher: ChatLM, cfg: DemoConfig, use_plugin: bool | None = None) -> Namespace:
+    """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys."""
+    rm, post = scoring.hook_paths(mode, use_plugin)
+    rm_url = teacher_url if teacher_url.startswith("inproc") else teacher_url.rstrip("/") + "/generate"
+    return Namespace(
+        # slime's own flags, as the OPD launch scripts set them
+        rm_url=rm_url, custom_rm_path=rm, custom_reward_post_process_path=post, use_opd=True,
+        opd_type="sglang", opd_kl_coef=cfg.opd_kl_coef, rollout_temperature=1.0, n_samples_per_prompt=1,
+        hf_checkpoint=str(student_dir), reward_key=None, group_rm=False, eps_clip=cfg.eps_clip,
+        rollout_max_response_len=cfg.max_new_tokens, metadata_key="metadata",
+        # the plugin's keys (docs/configuration.md)
+        xvocab_teacher_urls=[teacher_url], xvocab_teacher_tokenizer=str(teacher_dir),
+        xvocab_credit_mode="chunk" if mode == "naive" else mode, xvocab_messages_key="messages",
+        xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
+        xvocab_template_kwargs=dict(teacher.template_kwargs),
+        # only read by the demo's own stand-in hooks / metrics
+        demo_student_eot_id=student.eot_id, demo_teacher_eot_id=teacher.eot_id,
+    )
+
+
+# ------------------------------------------------------------------------------------------------- eval
+def evaluate(
+    student: ChatLM, eval_problems: Sequence[Problem], args: Namespace, loop: asyncio.AbstractEventLoop,
+    gen: torch.Generator, max_new: int,
+) -> tuple[dict[str, float], list[dict]]:
+    """Held-out metrics: greedy accuracy, and teacher-scored metrics of temperature-1 samples.
+
+    ``teacher_lp_per_token`` is the teacher's log-prob of the student's answer text (teacher tokenization,
+    end-of-turn included) divided by the student's token count; ``per_byte`` divides by the answer's bytes;
+    ``reverse_kl_per_token`` = (student log-prob - teacher log-prob of the same text) / student tokens.
+    ``naive_teacher_lp_per_token`` scores the *same* samples the naive way (student ids sent unchanged).
+    """
+    prompts = [student.prompt_ids(p.messages()) for p in eval_problems]
+    greedy, _, g_fin = student.sample(prompts, max_new, temperature=0.0)
+    acc = np.mean([is_correct(p, student.decode_response(r)) for p, r in zip(eval_problems, greedy)])
+    samples = make_samples(student, eval_problems, max_new, gen, args.xvocab_messages_key)
+    views = [fallback.teacher_view(args, s) for s in samples]
+    t_lps = fallback.score_many(args.rm_url, [(ids, n) for ids, n, _ in views], loop)
+    naive = fallback.score_many(args.rm_url, [(list(s.tokens), s.response_length) for s in samples], loop)
+    n_tok = np.array([max(1, s.response_length) for s in samples], dtype=np.float64)
+    n_byte = np.array([max(1, len(s.response.encode()) + 1) for s in samples], dtype=np.float64)
+    t_sum = np.array([sum(x) for x in t_lps])
+    s_sum = np.array([sum(s.rollout_log_probs) for s in samples])
+    nv_sum = np.array([sum(x) for x in naive])
+    metrics = {
+        "accuracy": float(acc),
+        "sampled_accuracy": float(np.mean([is_correct(p, s.response) for p, s in zip(eval_problems, samples)])),
+        "teacher_lp_per_token": float(t_sum.sum() / n_tok.sum()),
+        "teacher_lp_per_byte": float(t_sum.sum() / n_byte.sum()),
+        "reverse_kl_per_token": float((s_sum - t_sum).sum() / n_tok.sum()),
+        "naive_teacher_lp_per_token": float(nv_sum.sum() / n_tok.sum()),
+        "eot_share": float(np.mean(g_fin)),
+        "answer_len_tokens": float(np.mean([len(r) for r in greedy])),
+    }
+    examples = [
+        {"prompt": f"{p.a} + {p.b}", "answer": s.response, "correct": is_correct(p, s.response),
+         "student_tokens": s.response_length, "teacher_lp": float(t), "naive_teacher_lp": float(nv)}
+        for p, s, t, nv in zip(eval_problems[:8], samples[:8], t_sum[:8], nv_sum[:8])
+    ]
+    return metrics, examples
+
+
+# ------------------------------------------------------------------------------------------------ train
+def coverage(sample: Sample) -> float:
+    """Share of the sample's response tokens that got a teacher signal (plugin stats or stand-in hooks)."""
+    meta = sample.metadata.get("xvocab", {})
+    if "stats" in meta:
+        return float(meta["stats"].get("covered_fraction", math.nan))
+    return float(meta.get("coverage", math.nan))
+
+
+def _close_plugin_runtime(args: Namespace, loop: asyncio.AbstractEventLoop) -> None:
+    """Close the hooks' HTTP client on the loop it was opened on, then forget the runtime."""
+    if not args.custom_rm_path.startswith("slime_xvocab.hooks"):
+        return
+    from slime_xvocab import hooks
+
+    entry = hooks._RUNTIMES.get(id(args))
+    client = getattr(entry[1], "client", None) if entry else None
+    if client is not None and hasattr(client, "aclose"):
+        loop.run_until_complete(client.aclose())
+    hooks.reset(args)
+
+
+def opd_update(
+    student: ChatLM, ref: ChatLM, opt: torch.optim.Optimizer, samples: Sequence[Sample], cfg: DemoConfig
+) -> dict[str, float]:
+    """One PPO-clip step with slime's OPD advantage ``A_t = -coef * (log pi_s - log pi_t)`` + KL to start.
+
+    The student log-probs inside the advantage are the recomputed ones (as slime recomputes them with
+    Megatron); the ratio is taken against the rollout log-probs. The loss is the per-sample token mean,
+    averaged over samples (slime's ``sum_of_sample_mean``).
+    """
+    prompts = [s.prompt_tokens for s in samples]
+    resps = [s.response_tokens for s in samples]
+    R = max(s.response_length for s in samples)
+    old = torch.zeros(len(samples), R)
+    teach = torch.zeros(len(samples), R)
+    lmask = torch.zeros(len(samples), R)
+    for i, s in enumerate(samples):
+        n = s.response_length
+        old[i, :n] = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
+        teach[i, :n] = torch.as_tensor(np.asarray(s.teacher_log_probs, dtype=np.float32))
+        lmask[i, :n] = torch.tensor(s.loss_mask if s.loss_mask is not None else [1] * n, dtype=torch.float32)
+    student.model.train()
+    new, mask = student.response_logprobs(prompts, resps)
+    mask = mask * lmask
+    with torch.no_grad():
+        ref_lp, _ = ref.response_logprobs(prompts, resps)
+    adv = -cfg.opd_kl_coef * (new.detach() - teach)
+    if cfg.normalize_advantages:  # slime's --normalize-advantages: whiten over the batch's loss tokens
+        mean = (adv * mask).sum() / mask.sum()
+        var = (((adv - mean) * mask) ** 2).sum() / mask.sum()
+        adv = (adv - mean) / (var.sqrt() + 1e-8) * mask
+    ratio = torch.exp(new - old)
+    pg = torch.maximum(-ratio * adv, -ratio.clamp(1 - cfg.eps_clip, 1 + cfg.eps_clip) * adv)
+    d = ref_lp - new
+    kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi || pi_start)
+    per_tok = pg + cfg.kl_to_start_coef * kl
+    denom = mask.sum(-1).clamp(min=1)
+    loss = ((per_tok * mask).sum(-1) / denom).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+    opt.step()
+    student.model.eval()
+    tok = mask.sum()
+    return {
+        "loss": float(loss.detach()),
+        "train_reverse_kl": float(((new.detach() - teach) * mask).sum() / tok),
+        "kl_to_start": float((kl.detach() * mask).sum() / tok),
+        "clip_frac": float((((ratio.detach() - 1).abs() > cfg.eps_clip).float() * mask).sum() / tok),
+        "coverage": float(np.mean([coverage(s) for s in samples])),
+    }
+
+
+def run_mode(
+    mode: str, cfg: DemoConfig, student_init: ChatLM, args: Namespace, train_problems: Sequence[Problem],
+    eval_problems: Sequence[Problem], on_progress: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """OPD from the same starting student, same seed and budget, for one alignment ``mode``.
+
+    Returns:
+        ``{"history": [{step, **eval metrics, **train metrics}], "examples": {...}, "check": {...},
+        "seconds": float}``.
+    """
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    student = copy.deepcopy(student_init)
+    ref = copy.deepcopy(student_init)
+    opt = torch.optim.AdamW(student.model.parameters(), lr=cfg.opd_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    eval_gen_seed = cfg.seed + 12345
+    loop = asyncio.new_event_loop()
+    history: list[dict] = []
+    examples: dict = {}
+    check: dict = {}
+    last_train: dict = {}
+    try:
+        for step in range(cfg.opd_steps + 1):
+            if step % cfg.eval_every == 0 or step == cfg.opd_steps:
+                m, ex = evaluate(student, eval_problems, args, loop, torch.Generator().manual_seed(eval_gen_seed),
+                                 cfg.max_new_tokens)
+                history.append({"step": step, "seconds": time.time() - t0, **m, **last_train})
+                examples[str(step)] = ex
+                if on_progress:
+                    on_progress(step, history[-1])
+            if step == cfg.opd_steps:
+                break
+            batch = [train_problems[i] for i in rng.integers(0, len(train_problems), cfg.opd_batch)]
+            samples = make_samples(student, batch, cfg.max_new_tokens, gen, args.xvocab_messages_key,
+                                   start_index=step * cfg.opd_batch)
+            samples = [s for s in samples if s.response_length > 0]
+            scoring.score_samples(args, samples, loop)
+            if step == 0:
+                check = {
+                    "teacher_log_probs_len_ok": all(
+                        len(s.teacher_log_probs) == s.response_length for s in samples),
+                    "teacher_log_probs_finite": all(
+                        bool(np.isfinite(np.asarray(s.teacher_log_probs)).all()) for s in samples),
+                    "coverage": float(np.mean([coverage(s) for s in samples])),
+                    "min_coverage": float(np.min([coverage(s) for s in samples])),
+                    # tokens whose teacher value is the student's own rollout log-prob: OPD delta 0, no signal
+                    "no_signal_fraction": float(np.mean(np.concatenate([
+                        np.isclose(np.asarray(s.teacher_log_probs, dtype=np.float32),
+                                   np.asarray(s.rollout_log_probs, dtype=np.float32), atol=1e-6, rtol=0)
+                        for s in samples]))),
+                    "hooks": [args.custom_rm_path, args.custom_reward_post_process_path],
+                }
+            last_train = opd_update(student, ref, opt, samples, cfg)
+            if on_progress:
+                on_progress(step + 1, {"train": True, **last_train})
+    finally:
+        _close_plugin_runtime(args, loop)
+        loop.close()
+    return {"history": history, "examples": examples, "check": check, "seconds": time.time() - t0}
