@@ -425,8 +425,11 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
             teacher, top = np.zeros(0, dtype=np.float32), None
         values = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
+        alignment_stats = view.alignment.stats()
+        exact = runtime.config.credit_mode == "exact" and not runtime.builder.same_tokenizer
         stats = sample_stats(
-            view.alignment.stats().as_dict(),
+            alignment_stats.as_dict(),
+            signal_tokens=alignment_stats.one_to_one_tokens if exact else alignment_stats.covered_tokens,
             latency_s=latency,
             attempts=attempts,
             eot_mapped=view.eot_mapped,

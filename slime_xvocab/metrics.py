@@ -31,6 +31,8 @@ METRICS: dict[str, str] = {
     "covered_fraction": "share of student response tokens that received a teacher signal (token-weighted)",
     "one_to_one_fraction": "share of student response tokens in 1:1 chunks (one student token = one teacher "
     "token, same bytes); 1.0 when both sides share a tokenizer",
+    "signal_fraction": "share of student response tokens that get a teacher value under the credit mode "
+    "(covered tokens in chunk mode, 1:1 tokens in exact mode)",
     "mean_chunk_width": "mean width of aligned chunks, a chunk's width being its longer side in tokens",
     "max_chunk_width": "widest chunk of the rollout",
     "unaligned_tokens": "student response tokens with no teacher signal (they keep their own log-prob: "
@@ -62,6 +64,7 @@ def sample_stats(
     exact_bytes: bool = True,
     teacher_truncated_tokens: int = 0,
     failed: bool = False,
+    signal_tokens: int | None = None,
 ) -> dict[str, float]:
     """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
 
@@ -73,6 +76,8 @@ def sample_stats(
         exact_bytes: the teacher's tokens spell exactly the student's bytes.
         teacher_truncated_tokens: teacher tokens cut by the context limit.
         failed: the sample could not be scored (its values come from the fallback).
+        signal_tokens: student tokens that get a teacher value under the credit mode (default: the
+            covered tokens, as in chunk mode; exact mode passes the 1:1 tokens).
 
     Returns:
         A flat ``dict[str, float]``; alignment keys keep their names, ``unaligned/<reason>`` included.
@@ -86,6 +91,8 @@ def sample_stats(
         teacher_truncated_tokens=float(teacher_truncated_tokens),
         failed=float(bool(failed)),
     )
+    covered = out.get("student_tokens", 0.0) - out.get("unaligned_tokens", 0.0)
+    out["signal_tokens"] = float(covered if signal_tokens is None else signal_tokens)
     return out
 
 
@@ -120,6 +127,7 @@ def compute_rollout_metrics(
     n_student = student.sum()
     out["covered_fraction"] = float(covered.sum() / n_student) if n_student else 1.0
     out["one_to_one_fraction"] = float(one_to_one.sum() / n_student) if n_student else 1.0
+    out["signal_fraction"] = float(col("signal_tokens").sum() / n_student) if n_student else 1.0
     out["mean_chunk_width"] = (
         float((col("mean_chunk_width") * chunks).sum() / chunks.sum()) if chunks.sum() else 0.0
     )
