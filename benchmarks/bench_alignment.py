@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from slime_xvocab.alignment import align_lengths_batch
+from slime_xvocab.alignment import align_lengths_flat
 from slime_xvocab.assets import load_tokenizer
 from slime_xvocab.token_bytes import PROBE_TEXT, token_bytes
 
@@ -77,9 +77,9 @@ def run_case(name: str, responses, s_tok, t_tok, repeats: int) -> None:
         s_ids, t_ids = np.concatenate(responses), np.concatenate(teacher_ids)
         if s_tab.bytes_of(s_ids) != t_tab.bytes_of(t_ids):
             raise AssertionError("bytes differ")
-        s_len = np.split(s_tab.lengths_of(s_ids), np.cumsum([len(r) for r in responses])[:-1])
-        t_len = np.split(t_tab.lengths_of(t_ids), np.cumsum([len(t) for t in teacher_ids])[:-1])
-        batch = align_lengths_batch(s_len, t_len)  # also checks every sample's byte count
+        s_counts, t_counts = [len(r) for r in responses], [len(t) for t in teacher_ids]
+        # also checks every sample's byte count
+        batch = align_lengths_flat(s_tab.lengths_of(s_ids), s_counts, t_tab.lengths_of(t_ids), t_counts)
         batch.assign_credit(t_lps, s_lps)
         batch.stats()
 

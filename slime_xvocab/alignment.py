@@ -281,20 +281,18 @@ class BatchAlignment:
             sample_of_pos * len(Unaligned) + a.reason, minlength=n * len(Unaligned)
         ).reshape(n, len(Unaligned))
         chunks = np.diff(self.chunk_offsets)
-        t_count = np.diff(self.teacher_offsets)
-        return [
-            AlignmentStats(
-                student_tokens=int(s_count[i]),
-                teacher_tokens=int(t_count[i]),
-                chunks=int(chunks[i]),
-                one_to_one_tokens=int(one[i]),
-                covered_tokens=int(covered[i]),
-                mean_chunk_width=float(width_sum[i] / chunks[i]) if chunks[i] else 0.0,
-                max_chunk_width=int(width_max[i]),
-                unaligned_by_reason={_REASON_NAMES[r]: int(reasons[i, r]) for r in np.flatnonzero(reasons[i, 1:]) + 1},
-            )
-            for i in range(n)
-        ]
+        mean_width = np.divide(width_sum, chunks, out=np.zeros(n), where=chunks > 0)
+        # Plain Python numbers up front: building 512 small objects from numpy scalars costs more than
+        # the alignment itself.
+        unaligned: list[dict[str, int]] = [{} for _ in range(n)]
+        rows, cols = np.nonzero(reasons[:, 1:])
+        for i, r, count in zip(rows.tolist(), (cols + 1).tolist(), reasons[rows, cols + 1].tolist()):
+            unaligned[i][_REASON_NAMES[r]] = count
+        columns = zip(
+            s_count.tolist(), np.diff(self.teacher_offsets).tolist(), chunks.tolist(), one.tolist(),
+            covered.tolist(), mean_width.tolist(), width_max.tolist(), unaligned,
+        )
+        return [AlignmentStats(*values) for values in columns]
 
 
 def _segment_max(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -377,6 +375,16 @@ def align_lengths_batch(
     t_counts = np.fromiter((len(x) for x in teacher_lengths), dtype=np.int64, count=n)
     s_len = np.concatenate(student_lengths).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
     t_len = np.concatenate(teacher_lengths).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+    return align_lengths_flat(s_len, s_counts, t_len, t_counts)
+
+
+def align_lengths_flat(
+    student_lengths: np.ndarray, student_counts: np.ndarray, teacher_lengths: np.ndarray, teacher_counts: np.ndarray
+) -> BatchAlignment:
+    """:func:`align_lengths_batch` on concatenated token byte lengths and per-sample token counts."""
+    s_len, t_len = np.asarray(student_lengths, dtype=np.int64), np.asarray(teacher_lengths, dtype=np.int64)
+    s_counts, t_counts = np.asarray(student_counts, dtype=np.int64), np.asarray(teacher_counts, dtype=np.int64)
+    n = len(s_counts)
     s_end, t_end = np.cumsum(s_len), np.cumsum(t_len)
     s_sample = np.repeat(np.arange(n), s_counts)
     s_bytes = np.bincount(s_sample, weights=s_len, minlength=n).astype(np.int64)
