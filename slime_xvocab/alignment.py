@@ -206,10 +206,7 @@ def _cut_points(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     every token after starts there or later. Spans may overlap (pieces of one character share a span)."""
     if not len(ends):
         return np.zeros(0, dtype=np.int64)
-    prefix_max_end = np.maximum.accumulate(ends)
-    suffix_min_start = np.minimum.accumulate(starts[::-1])[::-1]
-    next_start = np.append(suffix_min_start[1:], prefix_max_end[-1])
-    return prefix_max_end[prefix_max_end <= next_start]
+    return _cut_intervals(starts, ends, np.full(len(ends), ends.max()))[0]
 
 
 def _cut_intervals(starts: np.ndarray, ends: np.ndarray, caps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
