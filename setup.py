@@ -35,6 +35,7 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["slime-xvocab=slime_xvocab.cli:main"]},
+    license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",
