@@ -100,12 +100,13 @@ class XVocabConfig:
         choices=CREDIT_MODES,
     )
     chunk_split: str = _opt(
-        "uniform",
-        "How a chunk's teacher-minus-student delta is split over its student tokens: `uniform` (equal "
-        "shares), `proportional` (in proportion to each token's own log-prob) or `prefix` (each student "
-        "token gets the teacher's log-prob of its own bytes, from the teacher's top-20 at each position; the "
-        "teacher's opinion that its token ends there goes to the next student token; asks the teacher for "
-        "top-k log-probs). Only for credit_mode=chunk.",
+        "prefix",
+        "How a chunk's teacher log-mass is split over its student tokens: `prefix` (each student token gets "
+        "the teacher's log-prob of its own bytes, read from the teacher's top-20 at each position; the "
+        "teacher's verdict that its token ends there goes to the next student token, e.g. the end of turn; "
+        "see docs/alignment.md), `uniform` (equal shares of the chunk's teacher-minus-student delta) or "
+        "`proportional` (shares in proportion to each token's own log-prob). `uniform`/`proportional` need no "
+        "top-k from the teacher. Only for credit_mode=chunk.",
         "choice",
         choices=CHUNK_SPLITS,
     )
@@ -452,7 +453,7 @@ def _warnings(config: XVocabConfig, args: Any) -> list[str]:
             "xvocab_max_failed_fraction is not enforced and samples the reward hook skipped get no "
             "teacher_log_probs"
         )
-    if config.credit_mode == "exact" and config.chunk_split != "uniform":
+    if config.credit_mode == "exact" and config.chunk_split not in ("prefix", "uniform"):
         out.append("xvocab_chunk_split has no effect with xvocab_credit_mode=exact")
     return out
 

@@ -28,7 +28,7 @@ def test_defaults_and_slime_fallbacks():
     config = build()
     assert config.teacher_urls == ("http://127.0.0.1:30000",)
     assert config.student_tokenizer == "/models/student"  # --hf-checkpoint
-    assert (config.credit_mode, config.chunk_split, config.fallback) == ("chunk", "uniform", "student")
+    assert (config.credit_mode, config.chunk_split, config.fallback) == ("chunk", "prefix", "student")
     # slime's own OPD passes the teacher as --rm-url: that alone is enough.
     args = make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t", rm_url="http://10.0.0.7:13141/generate")
     assert XVocabConfig.from_args(args, environ={}).teacher_urls == ("http://10.0.0.7:13141/generate",)

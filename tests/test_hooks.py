@@ -215,7 +215,7 @@ def test_public_names_of_hooks_module():
 @pytest.mark.parametrize("cls", SAMPLE_CLASSES)
 def test_cross_vocab_rollout_through_every_hook(cls, teacher, caplog):
     caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
-    args = xargs(teacher.url)
+    args = xargs(teacher.url, xvocab_chunk_split="uniform")  # the default, prefix, has its own test below
     samples = run_rollout(args, rollout(cls))
     assert [s.reward for s in samples] == [0.0] * 4  # pure distillation: a float, not the teacher's JSON
     for s in samples:
