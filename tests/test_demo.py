@@ -2,7 +2,7 @@
 
 The tiny scenario trains a tiny Llama-3.1-tokenizer teacher and a Qwen3-tokenizer student (cached under the
 asset cache after the first run), starts the reference teacher server on loopback and runs on-policy
-distillation in the three modes through the plugin's hooks.
+distillation in the four modes (chunk, prefix, exact, naive) through the plugin's hooks.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 def test_every_mode_ran_with_finite_metrics(tiny_run):
-    assert set(tiny_run["modes"]) == {"chunk", "exact", "naive"}
+    expected = {"chunk", "prefix", "exact", "naive"} if tiny_run["plugin_hooks"] else {"chunk", "exact", "naive"}
+    assert set(tiny_run["modes"]) == expected
     for mode, r in tiny_run["modes"].items():
         assert len(r["history"]) >= 2, mode
         for h in r["history"]:
@@ -54,11 +55,14 @@ def test_teacher_log_probs_shapes_and_hooks(tiny_run):
     assert tiny_run["modes"]["naive"]["hooks"][0] == "slime_xvocab.demo.naive.reward_func"
     if tiny_run["plugin_hooks"]:
         assert tiny_run["modes"]["chunk"]["hooks"][0] == "slime_xvocab.hooks.reward_func"
+        assert tiny_run["modes"]["prefix"]["hooks"][0] == "slime_xvocab.hooks.reward_func"
+        assert tiny_run["config"]["student_family"] == "qwen3"  # the issue's direction: Qwen3 student
 
 
 def test_chunk_mode_covers_every_response_token(tiny_run):
-    check = tiny_run["modes"]["chunk"]["check"]
-    assert check["min_coverage"] == pytest.approx(1.0)
+    for mode in ("chunk", "prefix"):
+        if mode in tiny_run["modes"]:
+            assert tiny_run["modes"][mode]["check"]["min_coverage"] == pytest.approx(1.0), mode
     # exact mode cannot score the numbers the two tokenizers split differently: those keep the student's
     # own log-prob (no signal); chunk mode gives (almost) every token a teacher value
     assert tiny_run["modes"]["exact"]["check"]["no_signal_fraction"] > 0.2

@@ -1,13 +1,17 @@
 """``slime-xvocab demo``: cross-tokenizer on-policy distillation, end to end, on one CPU machine.
 
-Default scenario: chat-formatted addition ("What is 47 + 35?" -> "82"). The student uses the real
-Llama-3.1 tokenizer (up to three digits per token) and chat template, the teacher the real Qwen3 tokenizer
-(one token per digit) and chat template (``--student qwen3`` swaps them). Both are tiny transformers
-(``LlamaForCausalLM`` / ``Qwen3ForCausalLM``) over compact vocabularies of real ids. The demo trains the
-teacher (SFT, cached), a weak student (short SFT, cached), starts the reference teacher server on loopback,
-then runs on-policy distillation through the plugin's slime hooks in three modes at equal budget and seed:
+Default scenario: chat-formatted addition ("What is 47 + 35?" -> "82") in the issue's direction: the student
+uses the real Qwen3 tokenizer (one token per digit) and chat template, the teacher the real Llama-3.1
+tokenizer (up to three digits per token) and chat template (``--student llama3_1`` swaps them). Both are tiny
+transformers (``Qwen3ForCausalLM`` / ``LlamaForCausalLM``) over compact vocabularies of real ids. The demo
+trains the teacher (SFT, cached), a weak student (short SFT, cached), starts the reference teacher server on
+loopback, then runs on-policy distillation through the plugin's slime hooks in four modes at equal budget
+and seed:
 
-* ``chunk``: the plugin, byte-exact chunk alignment (every response token gets teacher signal);
+* ``chunk``: the plugin, byte-exact chunk alignment, a chunk's teacher log-prob split evenly over its
+  student tokens (``xvocab_chunk_split: uniform``);
+* ``prefix``: the plugin, chunk alignment with ``xvocab_chunk_split: prefix`` (each student token gets the
+  teacher's log-prob of its own bytes from the teacher's top-k; "the token ends here" goes to the next token);
 * ``exact``: the plugin, only 1:1 token matches get teacher signal;
 * ``naive``: slime's stock OPD hooks (student ids sent to the teacher as if the vocabularies matched).
 
@@ -39,8 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=[*MODES, "all"], default="all", help="alignment mode(s) to run")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
     p.add_argument("--steps", type=int, default=None, help="OPD steps per mode (default per scenario)")
-    p.add_argument("--student", choices=["llama3_1", "qwen3"], default="llama3_1",
-                   help="student family; the teacher is the other one (default: Llama-3.1 student, Qwen3 teacher)")
+    p.add_argument("--student", choices=["llama3_1", "qwen3"], default="qwen3",
+                   help="student family; the teacher is the other one (default: Qwen3 student, Llama-3.1 teacher)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=None, help="OPD learning rate")
     p.add_argument("--kl-to-start", type=float, default=None, help="coefficient of the KL to the starting policy")
@@ -86,6 +90,7 @@ def cli_main(argv: list[str]) -> int:
 
 def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, console, scenario: str) -> int:
     """Prepare models, start the teacher server, run every mode, write the report."""
+    import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from slime_xvocab.assets import cache_dir
@@ -127,9 +132,15 @@ def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, co
         held_prompts = [teacher.prompt_ids(p.messages()) for p in held_out]
         results["teacher_accuracy"] = greedy_accuracy(teacher, held_prompts, [p.answer for p in held_out],
                                                       cfg.max_new_tokens)
+        # OPD matches the teacher's temperature-1 distribution, so its sampled accuracy bounds what OPD can teach
+        sampled, _, _ = teacher.sample(held_prompts, cfg.max_new_tokens, temperature=1.0,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+        results["teacher_sampled_accuracy"] = sum(
+            teacher.decode_response(r).strip() == p.answer for r, p in zip(sampled, held_out)) / len(held_out)
         results["student_vocab"] = student.vocab.size
         results["teacher_vocab"] = teacher.vocab.size
-        console.print(f"teacher held-out accuracy {results['teacher_accuracy']:.1%} "
+        console.print(f"teacher held-out accuracy {results['teacher_accuracy']:.1%} (greedy), "
+                      f"{results['teacher_sampled_accuracy']:.1%} (temperature 1) "
                       f"(compact vocab {teacher.vocab.size}); student vocab {student.vocab.size}")
 
         with contextlib.ExitStack() as stack:
@@ -147,6 +158,10 @@ def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, co
                 console.print(f"teacher server: {url} ({timings['teacher_server_start_s']:.1f}s to start)")
             results["teacher_url"] = url
             for mode in modes:
+                if mode == "prefix" and scoring.hook_paths(mode, use_plugin)[0] != scoring.PLUGIN_RM:
+                    console.print("skipping mode prefix: it needs the plugin's hooks (drop --builtin-hooks / "
+                                  "--inproc-teacher)")
+                    continue
                 sargs = slime_args(mode, url, student_dir, teacher_dir, student, teacher, cfg, use_plugin)
                 sargs.demo_merge_eot = args.merge_eot
                 task = progress.add_task(f"OPD {mode:<5}", total=cfg.opd_steps, info="")

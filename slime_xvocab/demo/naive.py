@@ -6,6 +6,7 @@ request runs, but the teacher reads a different text than the student wrote.
 
 from __future__ import annotations
 
+import asyncio
 from argparse import Namespace
 from collections.abc import Sequence
 from typing import Any
@@ -14,11 +15,30 @@ import numpy as np
 
 from slime_xvocab.demo.fallback import score_ids
 
+# One connection pool per event loop (slime's rollout keeps its HTTP session open too); a fresh connection per
+# request made this mode several times slower than the others, which is not what the comparison is about.
+_CLIENTS: dict[int, Any] = {}
+
 
 async def reward_func(args: Namespace, sample: Any, **kwargs: Any) -> dict:
     """Score ``sample.tokens`` unchanged; the reward is the teacher's log-probs (like slime's raw JSON)."""
-    lps = await score_ids(args.rm_url, list(sample.tokens), sample.response_length)
+    client = None
+    if not args.rm_url.startswith("inproc://"):
+        import httpx
+
+        loop_id = id(asyncio.get_running_loop())
+        client = _CLIENTS.get(loop_id)
+        if client is None:
+            client = _CLIENTS[loop_id] = httpx.AsyncClient(timeout=60.0, trust_env=False)
+    lps = await score_ids(args.rm_url, list(sample.tokens), sample.response_length, client)
     return {"teacher_lps": lps}
+
+
+def close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the connection pool opened on ``loop`` (call before closing the loop)."""
+    client = _CLIENTS.pop(id(loop), None)
+    if client is not None:
+        loop.run_until_complete(client.aclose())
 
 
 def post_process_rewards(args: Namespace, samples: Sequence[Any], **kwargs: Any) -> tuple[list, list]:

@@ -24,7 +24,7 @@ from slime_xvocab.demo.sample import Sample, Status
 from slime_xvocab.demo.task import Problem, all_problems, is_correct, split_problems
 from slime_xvocab.demo.vocab import CompactVocab
 
-MODES = ("chunk", "exact", "naive")
+MODES = ("chunk", "prefix", "exact", "naive")
 
 
 @dataclass
@@ -35,25 +35,26 @@ class DemoConfig:
     hi: int = 49
     n_eval: int = 128
     seed: int = 0
-    teacher_family: str = "qwen3"
-    student_family: str = "llama3_1"
+    teacher_family: str = "llama3_1"
+    student_family: str = "qwen3"
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
     student_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
-    teacher_steps: int = 400
+    teacher_steps: int = 1200
     teacher_lr: float = 3e-3
     student_steps: int = 200
     student_lr: float = 3e-3
     student_frac: float = 0.3
     sft_batch: int = 128
-    opd_steps: int = 60
-    opd_batch: int = 32
-    opd_lr: float = 3e-4
+    opd_steps: int = 250
+    opd_batch: int = 64
+    opd_lr: float = 1e-4
+    opd_warmup_steps: int = 0  # linear lr warm-up (slime: --lr-warmup-iters); Adam's first steps are noisy
     opd_kl_coef: float = 1.0
     kl_to_start_coef: float = 0.2
     eps_clip: float = 0.2
     normalize_advantages: bool = True
     max_new_tokens: int = 6
-    eval_every: int = 10
+    eval_every: int = 25
 
     def cache_key(self, which: str) -> str:
         d = asdict(self)
@@ -173,7 +174,8 @@ def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path
         rollout_max_response_len=cfg.max_new_tokens, metadata_key="metadata",
         # the plugin's keys (docs/configuration.md)
         xvocab_teacher_urls=[teacher_url], xvocab_teacher_tokenizer=str(teacher_dir),
-        xvocab_credit_mode="chunk" if mode == "naive" else mode, xvocab_messages_key="messages",
+        xvocab_credit_mode="exact" if mode == "exact" else "chunk", xvocab_messages_key="messages",
+        xvocab_chunk_split="prefix" if mode == "prefix" else "uniform",
         xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
         xvocab_template_kwargs=dict(teacher.template_kwargs),
         # only read by the demo's own stand-in hooks / metrics
@@ -234,6 +236,11 @@ def coverage(sample: Sample) -> float:
 
 def _close_plugin_runtime(args: Namespace, loop: asyncio.AbstractEventLoop) -> None:
     """Close the hooks' HTTP client on the loop it was opened on, then forget the runtime."""
+    if args.custom_rm_path == scoring.NAIVE_RM:
+        from slime_xvocab.demo import naive
+
+        naive.close(loop)
+        return
     if not args.custom_rm_path.startswith("slime_xvocab.hooks"):
         return
     from slime_xvocab import hooks
@@ -312,6 +319,8 @@ def run_mode(
     student = copy.deepcopy(student_init)
     ref = copy.deepcopy(student_init)
     opt = torch.optim.AdamW(student.model.parameters(), lr=cfg.opd_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warm = max(1, cfg.opd_warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     eval_gen_seed = cfg.seed + 12345
@@ -352,6 +361,7 @@ def run_mode(
                     "hooks": [args.custom_rm_path, args.custom_reward_post_process_path],
                 }
             last_train = opd_update(student, ref, opt, samples, cfg)
+            sched.step()
             if on_progress:
                 on_progress(step + 1, {"train": True, **last_train})
     finally:

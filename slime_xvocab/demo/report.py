@@ -10,7 +10,7 @@ CURVES = [
     ("accuracy", "held-out accuracy (greedy)"),
     ("teacher_lp_per_token", "teacher log-prob / student token"),
     ("reverse_kl_per_token", "reverse KL / token (teacher-scored)"),
-    ("eot_share", "share ending with end-of-turn"),
+    ("answer_len_tokens", "greedy answer length (tokens, incl. end of turn)"),
 ]
 
 

@@ -6,8 +6,9 @@ after a rollout: ``await reward_func(args, sample)`` for every sample concurrent
 importlib. The hooks set ``sample.teacher_log_probs`` (one float per response token, student positions).
 
 Modes:
-    * ``chunk`` / ``exact``: the plugin's cross-vocabulary hooks (``slime_xvocab.hooks``), alignment mode in
-      ``args.xvocab_alignment``.
+    * ``chunk`` / ``prefix`` / ``exact``: the plugin's cross-vocabulary hooks (``slime_xvocab.hooks``); credit
+      mode in ``args.xvocab_credit_mode``, chunk split in ``args.xvocab_chunk_split`` (``prefix`` needs the
+      plugin's hooks; the stand-in hooks only split uniformly).
     * ``naive``: what slime's stock OPD hooks do (:mod:`slime_xvocab.demo.naive`): the student's ids are sent
       to the teacher as if both shared one vocabulary.
 
