@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import sys
 
 from rich.console import Console
@@ -27,17 +26,6 @@ DEFAULT_TEXT = (
     "What is 347 + 85? The answer is 432.\n"
     "def add(a, b):\n\treturn a + b  # 東京タワー 🤖🎉 naïve café"
 )
-
-
-def load_any_tokenizer(name_or_path: str):
-    """A tokenizer from a local directory, or a registry family name such as ``qwen3``."""
-    from .assets import TOKENIZERS, load_tokenizer
-
-    if name_or_path in TOKENIZERS and not os.path.isdir(name_or_path):
-        return load_tokenizer(name_or_path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 def _show(piece: bytes) -> str:
@@ -106,6 +94,12 @@ def cli_main(argv: list[str]) -> int:
                           f"{st.covered_fraction:.0%}", f"{st.mean_chunk_width:.2f}/{st.max_chunk_width}")
         console.print(table)
         return 0
-    student, teacher = load_any_tokenizer(args.student), load_any_tokenizer(args.teacher)
+    from .check import InputError, load_tokenizer_spec  # one loader for every command: dir or family name
+
+    try:
+        (student, _), (teacher, _) = load_tokenizer_spec(args.student), load_tokenizer_spec(args.teacher)
+    except InputError as exc:
+        print(f"slime-xvocab align: {exc}", file=sys.stderr)
+        return 2
     print_alignment(student, teacher, text, console, title=f"student {args.student} vs teacher {args.teacher}")
     return 0

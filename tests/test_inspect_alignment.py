@@ -13,3 +13,8 @@ def test_align_command_reports_unreadable_file(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe bad")
     assert cli_main(["--text-file", str(bad)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_align_command_rejects_unknown_tokenizer(capsys):
+    assert cli_main(["--student", "no-such-family", "--teacher", "qwen3"]) == 2
+    assert "neither a directory nor a known tokenizer family" in capsys.readouterr().err
