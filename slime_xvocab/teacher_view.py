@@ -60,6 +60,7 @@ KNOWN_END_MARKERS = (
 )
 
 _SENTINEL = "XVOCABSENTINELQ7"
+END_OF_TURN_NONE = "none"  # end_of_turn value: do not score the student's end of turn
 
 
 @dataclass(frozen=True, eq=False)
@@ -334,7 +335,9 @@ class TeacherViewBuilder:
             ``"teacher_default"`` remove them, so a teacher template that has a default system prompt
             (Llama-3.1's date header, SmolLM2's persona) writes its own. Both render identically;
             ``teacher_default`` states the intent.
-        end_of_turn: the teacher's end-of-turn token(s), overriding discovery (template, then EOS).
+        end_of_turn: the teacher's end-of-turn token(s), overriding discovery (template, then EOS);
+            ``"none"`` leaves the student's end of turn unscored (it keeps its own log-prob, OPD delta 0),
+            for base teachers that never learned where a chat turn ends.
         student_end_of_turn: ids that end a student turn, overriding discovery.
         max_teacher_tokens: the teacher's context budget for prompt + response + end-of-turn. Response
             tokens past it are dropped (their student positions unaligned, ``TEACHER_CONTEXT``).
@@ -404,14 +407,16 @@ class TeacherViewBuilder:
             self.student_end_ids = frozenset(_as_id_list(student_end_of_turn))
         else:
             self.student_end_ids = student_end_ids(student_tokenizer, self.student_table)
-        if end_of_turn is not None:
+        if end_of_turn == END_OF_TURN_NONE:
+            eot = []
+        elif end_of_turn is not None:
             eot = _resolve_end_of_turn(teacher_tokenizer, end_of_turn)
         else:
             eot = template_end_of_turn(teacher_tokenizer, self.teacher_table, self.template_kwargs)
             if prompt_format == "completion" or not eot:
                 eot = _as_id_list(getattr(teacher_tokenizer, "eos_token_id", None))[:1]
         self.teacher_eot_ids: tuple[int, ...] = tuple(eot)
-        if not self.teacher_eot_ids and not self._same:
+        if not self.teacher_eot_ids and not self._same and end_of_turn != END_OF_TURN_NONE:
             logger.warning(
                 "teacher tokenizer %r has no end-of-turn or EOS token; the student's end-of-turn positions "
                 "get no teacher signal (pass end_of_turn=... to set one)",

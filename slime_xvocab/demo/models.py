@@ -71,7 +71,7 @@ class ChatLM:
         B = len(prompts)
         P = max(len(p) for p in prompts)
         R = max((len(r) for r in responses), default=0)
-        ids = np.full((B, P + R), self.vocab.other, dtype=np.int64)
+        ids = np.zeros((B, P + R), dtype=np.int64)  # padding: masked out, any valid row will do
         att = np.zeros((B, P + R), dtype=np.int64)
         rmask = np.zeros((B, R), dtype=np.float32)
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -132,7 +132,7 @@ class ChatLM:
         B = len(prompts)
         ids, att, pos, P, _ = self._batch(prompts, [[] for _ in prompts])
         eot = int(self.vocab.to_model([self.eot_id])[0])
-        out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True, logits_to_keep=1)
         past, last_logits = out.past_key_values, out.logits[:, -1]
         next_pos = pos[:, -1] + 1
         done = torch.zeros(B, dtype=torch.bool)

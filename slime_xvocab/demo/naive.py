@@ -1,7 +1,8 @@
 """slime's stock OPD hooks, reproduced: the student's ids go to the teacher as if vocabularies matched.
 
-This is the failure the plugin fixes. The teacher server maps ids it does not know to its "other" slot, so the
-request runs, but the teacher reads a different text than the student wrote.
+This is the failure the plugin fixes. The request is valid (the ids are in range for a teacher with a larger
+vocabulary, or map to the demo teacher's "other" slot), so nothing errors, but the teacher reads a different
+text than the student wrote.
 """
 
 from __future__ import annotations
@@ -13,38 +14,36 @@ from typing import Any
 
 import numpy as np
 
-from slime_xvocab.demo.fallback import score_ids
+from slime_xvocab.teacher_client import TeacherClient
 
-# One connection pool per event loop (slime's rollout keeps its HTTP session open too); a fresh connection per
-# request made this mode several times slower than the others, which is not what the comparison is about.
-_CLIENTS: dict[int, Any] = {}
+# One client (connection pool) per event loop, as slime's rollout keeps its HTTP session open: a fresh
+# connection per request would make this mode slower than the others, which is not what the comparison is about.
+_CLIENTS: dict[int, TeacherClient] = {}
 
 
 async def reward_func(args: Namespace, sample: Any, **kwargs: Any) -> dict:
     """Score ``sample.tokens`` unchanged; the reward is the teacher's log-probs (like slime's raw JSON)."""
-    client = None
-    if not args.rm_url.startswith("inproc://"):
-        import httpx
-
-        loop_id = id(asyncio.get_running_loop())
-        client = _CLIENTS.get(loop_id)
-        if client is None:
-            client = _CLIENTS[loop_id] = httpx.AsyncClient(timeout=60.0, trust_env=False)
-    lps = await score_ids(args.rm_url, list(sample.tokens), sample.response_length, client)
-    return {"teacher_lps": lps}
+    loop_id = id(asyncio.get_running_loop())
+    client = _CLIENTS.get(loop_id)
+    if client is None:
+        client = _CLIENTS[loop_id] = TeacherClient(args.rm_url)
+    if sample.response_length == 0:
+        return {"teacher_lps": []}
+    scores = await client.score(list(sample.tokens), len(sample.tokens) - sample.response_length)
+    return {"teacher_lps": scores.log_probs.tolist()}
 
 
 def close(loop: asyncio.AbstractEventLoop) -> None:
-    """Close the connection pool opened on ``loop`` (call before closing the loop)."""
+    """Close the client opened on ``loop`` (call before closing the loop)."""
     client = _CLIENTS.pop(id(loop), None)
     if client is not None:
         loop.run_until_complete(client.aclose())
 
 
 def post_process_rewards(args: Namespace, samples: Sequence[Any], **kwargs: Any) -> tuple[list, list]:
-    """Trailing ``response_length`` log-probs become ``teacher_log_probs``; rewards are zero (pure OPD)."""
+    """The log-probs become ``teacher_log_probs`` (one per response token); rewards are zero (pure OPD)."""
     for s in samples:
-        s.teacher_log_probs = np.asarray(s.reward["teacher_lps"], dtype=np.float32)[-s.response_length :]
+        s.teacher_log_probs = np.asarray(s.reward["teacher_lps"], dtype=np.float32)
         s.metadata["xvocab"] = {"coverage": 1.0}
         s.reward = 0.0
     zeros = [0.0] * len(samples)

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slime_xvocab.demo import fallback, scoring
+from slime_xvocab.demo import scoring
+from slime_xvocab.demo.evaluation import evaluate_task
 from slime_xvocab.demo.models import ChatLM, ModelSize, build_model, numeracy_init, settings_hash, sft
-from slime_xvocab.demo.sample import Sample, Status
-from slime_xvocab.demo.task import Problem, all_problems, is_correct, split_problems
+from slime_xvocab.demo.sample import Sample, make_samples
+from slime_xvocab.demo.task import Problem, all_problems, split_problems
 from slime_xvocab.demo.vocab import CompactVocab
 
 MODES = ("chunk", "prefix", "exact", "naive")
@@ -130,104 +131,29 @@ def prepare_model(
     return lm, out, False
 
 
-def inproc_scorer(teacher: ChatLM) -> Callable[[list[int]], list[float | None]]:
-    """SGLang-like prefill scoring in process: ``[None, lp(t_1|t_0), ...]`` over real ids, "other" slot kept."""
-
-    @torch.no_grad()
-    def score(ids: list[int]) -> list[float | None]:
-        x = torch.from_numpy(teacher.vocab.to_model(ids)).unsqueeze(0)
-        logp = torch.log_softmax(teacher.model(input_ids=x).logits[0, :-1].float(), -1)
-        return [None] + logp.gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
-
-    return score
-
-
 # ---------------------------------------------------------------------------------------------- rollout
-def make_samples(
-    student: ChatLM, problems: Sequence[Problem], max_new: int, gen: torch.Generator, messages_key: str,
-    temperature: float = 1.0, start_index: int = 0,
-) -> list[Sample]:
-    """Sample one response per problem and wrap it as a slime-shaped :class:`Sample`."""
-    prompts = [student.prompt_ids(p.messages()) for p in problems]
-    resp, lps, finished = student.sample(prompts, max_new, temperature=temperature, generator=gen)
-    out = []
-    for i, (p, pr, r, lp, fin) in enumerate(zip(problems, prompts, resp, lps, finished)):
-        out.append(Sample(
-            group_index=start_index + i, index=start_index + i, prompt=student.tokenizer.decode(pr),
-            tokens=pr + r, response=student.decode_response(r), response_length=len(r), label=p.answer,
-            rollout_log_probs=lp, status=Status.COMPLETED if fin else Status.TRUNCATED,
-            metadata={messages_key: p.messages(), "problem": (p.a, p.b)}, loss_mask=[1] * len(r),
-        ))
-    return out
-
-
-def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, student: ChatLM,
-               teacher: ChatLM, cfg: DemoConfig, use_plugin: bool | None = None) -> Namespace:
+def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, cfg, *,
+               teacher_template_kwargs: dict | None = None, teacher_end_of_turn: str | None = None) -> Namespace:
     """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys."""
-    rm, post = scoring.hook_paths(mode, use_plugin)
-    rm_url = teacher_url if teacher_url.startswith("inproc") else teacher_url.rstrip("/") + "/generate"
+    rm, post = scoring.hook_paths(mode)
     return Namespace(
         # slime's own flags, as the OPD launch scripts set them
-        rm_url=rm_url, custom_rm_path=rm, custom_reward_post_process_path=post, use_opd=True,
-        opd_type="sglang", opd_kl_coef=cfg.opd_kl_coef, rollout_temperature=1.0, n_samples_per_prompt=1,
-        hf_checkpoint=str(student_dir), reward_key=None, group_rm=False, eps_clip=cfg.eps_clip,
-        rollout_max_response_len=cfg.max_new_tokens, metadata_key="metadata",
+        rm_url=teacher_url.rstrip("/") + "/generate", custom_rm_path=rm, custom_reward_post_process_path=post,
+        use_opd=True, opd_type="sglang", opd_kl_coef=cfg.opd_kl_coef, rollout_temperature=1.0,
+        n_samples_per_prompt=1, hf_checkpoint=str(student_dir), reward_key=None, group_rm=False,
+        eps_clip=cfg.eps_clip, rollout_max_response_len=cfg.max_new_tokens, metadata_key="metadata",
         # the plugin's keys (docs/configuration.md)
         xvocab_teacher_urls=[teacher_url], xvocab_teacher_tokenizer=str(teacher_dir),
         xvocab_credit_mode="exact" if mode == "exact" else "chunk", xvocab_messages_key="messages",
         xvocab_chunk_split="prefix" if mode == "prefix" else "uniform",
         xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
-        xvocab_template_kwargs=dict(teacher.template_kwargs),
-        # only read by the demo's own stand-in hooks / metrics
-        demo_student_eot_id=student.eot_id, demo_teacher_eot_id=teacher.eot_id,
+        xvocab_template_kwargs=dict(teacher_template_kwargs or {}), xvocab_end_of_turn=teacher_end_of_turn,
     )
-
-
-# ------------------------------------------------------------------------------------------------- eval
-def evaluate(
-    student: ChatLM, eval_problems: Sequence[Problem], args: Namespace, loop: asyncio.AbstractEventLoop,
-    gen: torch.Generator, max_new: int,
-) -> tuple[dict[str, float], list[dict]]:
-    """Held-out metrics: greedy accuracy, and teacher-scored metrics of temperature-1 samples.
-
-    ``teacher_lp_per_token`` is the teacher's log-prob of the student's answer text (teacher tokenization,
-    end-of-turn included) divided by the student's token count; ``per_byte`` divides by the answer's bytes;
-    ``reverse_kl_per_token`` = (student log-prob - teacher log-prob of the same text) / student tokens.
-    ``naive_teacher_lp_per_token`` scores the *same* samples the naive way (student ids sent unchanged).
-    """
-    prompts = [student.prompt_ids(p.messages()) for p in eval_problems]
-    greedy, _, g_fin = student.sample(prompts, max_new, temperature=0.0)
-    acc = np.mean([is_correct(p, student.decode_response(r)) for p, r in zip(eval_problems, greedy)])
-    samples = make_samples(student, eval_problems, max_new, gen, args.xvocab_messages_key)
-    views = [fallback.teacher_view(args, s) for s in samples]
-    t_lps = fallback.score_many(args.rm_url, [(ids, n) for ids, n, _ in views], loop)
-    naive = fallback.score_many(args.rm_url, [(list(s.tokens), s.response_length) for s in samples], loop)
-    n_tok = np.array([max(1, s.response_length) for s in samples], dtype=np.float64)
-    n_byte = np.array([max(1, len(s.response.encode()) + 1) for s in samples], dtype=np.float64)
-    t_sum = np.array([sum(x) for x in t_lps])
-    s_sum = np.array([sum(s.rollout_log_probs) for s in samples])
-    nv_sum = np.array([sum(x) for x in naive])
-    metrics = {
-        "accuracy": float(acc),
-        "sampled_accuracy": float(np.mean([is_correct(p, s.response) for p, s in zip(eval_problems, samples)])),
-        "teacher_lp_per_token": float(t_sum.sum() / n_tok.sum()),
-        "teacher_lp_per_byte": float(t_sum.sum() / n_byte.sum()),
-        "reverse_kl_per_token": float((s_sum - t_sum).sum() / n_tok.sum()),
-        "naive_teacher_lp_per_token": float(nv_sum.sum() / n_tok.sum()),
-        "eot_share": float(np.mean(g_fin)),
-        "answer_len_tokens": float(np.mean([len(r) for r in greedy])),
-    }
-    examples = [
-        {"prompt": f"{p.a} + {p.b}", "answer": s.response, "correct": is_correct(p, s.response),
-         "student_tokens": s.response_length, "teacher_lp": float(t), "naive_teacher_lp": float(nv)}
-        for p, s, t, nv in zip(eval_problems[:8], samples[:8], t_sum[:8], nv_sum[:8])
-    ]
-    return metrics, examples
 
 
 # ------------------------------------------------------------------------------------------------ train
 def coverage(sample: Sample) -> float:
-    """Share of the sample's response tokens that got a teacher signal (plugin stats or stand-in hooks)."""
+    """Share of the sample's response tokens that got a teacher signal (the plugin's stats; naive mode: 1)."""
     meta = sample.metadata.get("xvocab", {})
     if "stats" in meta:
         return float(meta["stats"].get("covered_fraction", math.nan))
@@ -307,8 +233,12 @@ def opd_update(
 def run_mode(
     mode: str, cfg: DemoConfig, student_init: ChatLM, args: Namespace, train_problems: Sequence[Problem],
     eval_problems: Sequence[Problem], on_progress: Callable[[int, dict], None] | None = None,
+    evaluate: Callable = evaluate_task,
 ) -> dict:
     """OPD from the same starting student, same seed and budget, for one alignment ``mode``.
+
+    ``evaluate(student, eval_problems, args, loop, generator, max_new) -> (metrics, examples)`` runs every
+    ``cfg.eval_every`` steps (:func:`~slime_xvocab.demo.evaluation.evaluate_task` or ``evaluate_chat``).
 
     Returns:
         ``{"history": [{step, **eval metrics, **train metrics}], "examples": {...}, "check": {...},

@@ -6,12 +6,26 @@ import json
 import math
 from pathlib import Path
 
-CURVES = [
-    ("accuracy", "held-out accuracy (greedy)"),
-    ("teacher_lp_per_token", "teacher log-prob / student token"),
-    ("reverse_kl_per_token", "reverse KL / token (teacher-scored)"),
-    ("answer_len_tokens", "greedy answer length (tokens, incl. end of turn)"),
-]
+# (metric, panel title); the default scenario has a right answer, the --real one only the teacher's judgement
+CURVES = {
+    "task": [
+        ("accuracy", "held-out accuracy (greedy)"),
+        ("teacher_lp_per_token", "teacher log-prob / student token"),
+        ("reverse_kl_per_token", "reverse KL / token (teacher-scored)"),
+        ("answer_len_tokens", "greedy answer length (tokens, incl. end of turn)"),
+    ],
+    "chat": [
+        ("teacher_lp_per_byte", "teacher log-prob / byte"),
+        ("reverse_kl_per_byte", "reverse KL / byte (teacher-scored)"),
+        ("eot_share", "answers that end their turn"),
+        ("bytes_per_token", "bytes / student token (collapse shows here)"),
+    ],
+}
+
+
+def _kind(results: dict) -> str:
+    first = next(iter(results["modes"].values()), {"history": [{}]})["history"][0]
+    return "task" if "accuracy" in first else "chat"
 
 
 def summary_rows(results: dict) -> list[dict]:
@@ -19,35 +33,39 @@ def summary_rows(results: dict) -> list[dict]:
     rows = []
     for mode, r in results["modes"].items():
         h0, h1 = r["history"][0], r["history"][-1]
-        rows.append({
-            "mode": mode,
-            "acc_before": h0["accuracy"], "acc_after": h1["accuracy"],
-            "tlp_before": h0["teacher_lp_per_token"], "tlp_after": h1["teacher_lp_per_token"],
-            "tlp_byte_after": h1["teacher_lp_per_byte"],
-            "rkl_before": h0["reverse_kl_per_token"], "rkl_after": h1["reverse_kl_per_token"],
-            "eot_after": h1["eot_share"], "len_after": h1["answer_len_tokens"],
-            "coverage": r["check"].get("coverage", math.nan), "seconds": r["seconds"],
-        })
+        row = {"mode": mode, "coverage": r["check"].get("coverage", math.nan), "seconds": r["seconds"]}
+        for key in ("accuracy", "teacher_lp_per_token", "teacher_lp_per_byte", "reverse_kl_per_token",
+                    "reverse_kl_per_byte", "eot_share", "answer_len_tokens", "bytes_per_token"):
+            row[key] = (h0.get(key, math.nan), h1.get(key, math.nan))
+        rows.append(row)
     return rows
 
 
 def print_table(results: dict, console=None) -> None:
-    """Rich summary table."""
+    """Rich summary table (before -> after, per mode)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    t = Table(title=f"OPD summary ({results['scenario']}, {results['config']['opd_steps']} steps per mode)")
-    for col in ["mode", "accuracy", "teacher lp/token", "teacher lp/byte", "rev. KL/token", "EOT share",
-                "len", "coverage", "time"]:
+    kind = _kind(results)
+    cols = [("accuracy", "accuracy", "{:.1%}")] if kind == "task" else []
+    cols += [
+        ("teacher_lp_per_token", "teacher lp/token", "{:.2f}"),
+        ("teacher_lp_per_byte", "teacher lp/byte", "{:.3f}"),
+        ("reverse_kl_per_token" if kind == "task" else "reverse_kl_per_byte",
+         "rev. KL/token" if kind == "task" else "rev. KL/byte", "{:.3f}"),
+        ("eot_share", "EOT share", "{:.0%}"),
+        ("answer_len_tokens", "len", "{:.1f}"),
+    ]
+    if kind == "chat":
+        cols.append(("bytes_per_token", "bytes/token", "{:.2f}"))
+    t = Table(title=f"OPD summary ({results['scenario']}, {results['config']['opd_steps']} steps per mode; "
+                    "before -> after)")
+    for col in ["mode", *(c[1] for c in cols), "coverage", "time"]:
         t.add_column(col, justify="right")
     for r in summary_rows(results):
-        t.add_row(
-            r["mode"], f"{r['acc_before']:.1%} -> {r['acc_after']:.1%}",
-            f"{r['tlp_before']:.2f} -> {r['tlp_after']:.2f}", f"{r['tlp_byte_after']:.2f}",
-            f"{r['rkl_before']:.2f} -> {r['rkl_after']:.2f}", f"{r['eot_after']:.0%}", f"{r['len_after']:.1f}",
-            f"{r['coverage']:.0%}", f"{r['seconds']:.0f}s",
-        )
+        cells = [f"{fmt.format(r[key][0])} -> {fmt.format(r[key][1])}" for key, _, fmt in cols]
+        t.add_row(r["mode"], *cells, f"{r['coverage']:.0%}", f"{r['seconds']:.0f}s")
     console.print(t)
 
 
@@ -64,8 +82,9 @@ def plot(results: dict, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
-    for ax, (key, title) in zip(axes, CURVES):
+    curves = CURVES[_kind(results)]
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.4))
+    for ax, (key, title) in zip(axes, curves):
         for mode, r in results["modes"].items():
             xs = [h["step"] for h in r["history"]]
             ax.plot(xs, [h[key] for h in r["history"]], marker="o", ms=3, label=mode)

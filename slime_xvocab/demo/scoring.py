@@ -1,19 +1,15 @@
-"""Teacher scoring for the demo, through the plugin's slime hooks (or a built-in stand-in until they exist).
+"""Teacher scoring for the demo's OPD loop, through slime's two reward hooks loaded by dotted path.
 
-Everything the OPD loop needs from the plugin goes through :func:`score_samples`, which does what slime does
-after a rollout: ``await reward_func(args, sample)`` for every sample concurrently on one event loop, then
-``raw, rewards = post_process_rewards(args, samples)`` on the batch, both loaded by dotted path with
-importlib. The hooks set ``sample.teacher_log_probs`` (one float per response token, student positions).
+:func:`score_samples` does what slime does after a rollout: ``await reward_func(args, sample)`` for every sample
+concurrently on one event loop, then ``raw, rewards = post_process_rewards(args, samples)`` on the batch, both
+loaded by dotted path with importlib. The hooks set ``sample.teacher_log_probs`` (one float per response token,
+student positions).
 
 Modes:
     * ``chunk`` / ``prefix`` / ``exact``: the plugin's cross-vocabulary hooks (``slime_xvocab.hooks``); credit
-      mode in ``args.xvocab_credit_mode``, chunk split in ``args.xvocab_chunk_split`` (``prefix`` needs the
-      plugin's hooks; the stand-in hooks only split uniformly).
+      mode in ``args.xvocab_credit_mode``, chunk split in ``args.xvocab_chunk_split``.
     * ``naive``: what slime's stock OPD hooks do (:mod:`slime_xvocab.demo.naive`): the student's ids are sent
       to the teacher as if both shared one vocabulary.
-
-If ``slime_xvocab.hooks`` is not importable, :mod:`slime_xvocab.demo.fallback` provides hooks with the same
-contract, so the loop and its metrics do not change when the real hooks are plugged in.
 """
 
 from __future__ import annotations
@@ -26,8 +22,6 @@ from typing import Any
 
 PLUGIN_RM = "slime_xvocab.hooks.reward_func"
 PLUGIN_POST = "slime_xvocab.hooks.post_process_rewards"
-FALLBACK_RM = "slime_xvocab.demo.fallback.reward_func"
-FALLBACK_POST = "slime_xvocab.demo.fallback.post_process_rewards"
 NAIVE_RM = "slime_xvocab.demo.naive.reward_func"
 NAIVE_POST = "slime_xvocab.demo.naive.post_process_rewards"
 
@@ -38,23 +32,9 @@ def load_function(path: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def plugin_hooks_available() -> bool:
-    """True when ``slime_xvocab.hooks`` imports and has both hooks."""
-    try:
-        load_function(PLUGIN_RM)
-        load_function(PLUGIN_POST)
-    except (ImportError, AttributeError):
-        return False
-    return True
-
-
-def hook_paths(mode: str, use_plugin: bool | None = None) -> tuple[str, str]:
+def hook_paths(mode: str) -> tuple[str, str]:
     """(reward_func path, post_process path) for an alignment ``mode``."""
-    if mode == "naive":
-        return NAIVE_RM, NAIVE_POST
-    if use_plugin is None:
-        use_plugin = plugin_hooks_available()
-    return (PLUGIN_RM, PLUGIN_POST) if use_plugin else (FALLBACK_RM, FALLBACK_POST)
+    return (NAIVE_RM, NAIVE_POST) if mode == "naive" else (PLUGIN_RM, PLUGIN_POST)
 
 
 async def _reward_all(rm: Callable, args: Namespace, samples: Sequence[Any]) -> None:

@@ -71,3 +71,29 @@ class CompactVocab:
         for ids in id_lists:
             seen.update(int(i) for i in ids)
         return cls(sorted(seen))
+
+
+class IdentityVocab:
+    """A real model's full vocabulary: model index == real id, no "other" slot (the ``--real`` demo).
+
+    It has the parts of :class:`CompactVocab` that :class:`~slime_xvocab.demo.models.ChatLM` uses, so the
+    same sampling and scoring code runs on tiny compact models and on real checkpoints.
+    """
+
+    def __init__(self, num_rows: int):
+        self.num_rows = int(num_rows)
+
+    @property
+    def other(self) -> int:
+        """One past the last row: slicing logits ``[:other]`` keeps every row."""
+        return self.num_rows
+
+    @property
+    def size(self) -> int:
+        return self.num_rows
+
+    def to_model(self, real: Iterable[int]) -> np.ndarray:
+        return np.asarray(list(real), dtype=np.int64)
+
+    def to_real(self, model: Iterable[int]) -> np.ndarray:
+        return np.asarray(list(model), dtype=np.int64)
