@@ -707,7 +707,7 @@ def collect_warnings(
             "(see byte_mismatch_examples); their tokens get no teacher signal. Check the teacher "
             "tokenizer's normaliser, or clean the text (e.g. NFC-normalise the data)"
         )
-    if report["eot_unmapped_samples"]:
+    if report["eot_unmapped_samples"] and not report.get("end_of_turn", {}).get("unscored_by_choice"):
         w.append(
             f"the student's end-of-turn token {student.describe()['end_of_turn']!r} was not paired with a "
             f"teacher end-of-turn token in {report['eot_unmapped_samples']}/{n} samples (context overflows "
@@ -1079,7 +1079,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--end-of-turn",
         default=None,
         metavar="TOKEN",
-        help="the teacher's end-of-turn token, overriding discovery from its chat template",
+        help="the teacher's end-of-turn token, overriding discovery from its chat template; 'unscored' leaves the "
+        "student's end of turn unscored (base teachers)",
     )
     p.add_argument(
         "--rollout-temperature",
@@ -1244,6 +1245,7 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
     report["end_of_turn"] = {
         "student": student.describe()["end_of_turn"],
         "teacher": " ".join(str(teacher.tokenizer.convert_ids_to_tokens(int(i))) for i in eot_ids or []) or None,
+        "unscored_by_choice": args.end_of_turn == "unscored",
     }
     doubled_bos = False
     bos = teacher.tokenizer.bos_token_id

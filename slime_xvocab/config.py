@@ -137,7 +137,7 @@ class XVocabConfig:
         None,
         "The teacher's end-of-turn token as text (e.g. `<|eot_id|>`); default: read from the teacher's chat "
         "template. The student's end of turn is scored as this token. A base teacher never learned its chat "
-        "template's turn end: use its EOS (e.g. `<eos>`), or `none` to leave the end of turn unscored (delta 0).",
+        "template's turn end: use its EOS (e.g. `<eos>`), or `unscored` to leave the end of turn unscored (delta 0).",
         "opt_str",
     )
     student_end_of_turn: str | None = _opt(

@@ -60,7 +60,7 @@ KNOWN_END_MARKERS = (
 )
 
 _SENTINEL = "XVOCABSENTINELQ7"
-END_OF_TURN_NONE = "none"  # end_of_turn value: do not score the student's end of turn
+END_OF_TURN_UNSCORED = "unscored"  # end_of_turn value: do not score the student's end of turn
 
 
 @dataclass(frozen=True, eq=False)
@@ -336,7 +336,7 @@ class TeacherViewBuilder:
             (Llama-3.1's date header, SmolLM2's persona) writes its own. Both render identically;
             ``teacher_default`` states the intent.
         end_of_turn: the teacher's end-of-turn token(s), overriding discovery (template, then EOS);
-            ``"none"`` leaves the student's end of turn unscored (it keeps its own log-prob, OPD delta 0),
+            ``"unscored"`` leaves the student's end of turn unscored (it keeps its own log-prob, OPD delta 0),
             for base teachers that never learned where a chat turn ends.
         student_end_of_turn: ids that end a student turn, overriding discovery.
         max_teacher_tokens: the teacher's context budget for prompt + response + end-of-turn. Response
@@ -407,7 +407,7 @@ class TeacherViewBuilder:
             self.student_end_ids = frozenset(_as_id_list(student_end_of_turn))
         else:
             self.student_end_ids = student_end_ids(student_tokenizer, self.student_table)
-        if end_of_turn == END_OF_TURN_NONE:
+        if end_of_turn == END_OF_TURN_UNSCORED:
             eot = []
         elif end_of_turn is not None:
             eot = _resolve_end_of_turn(teacher_tokenizer, end_of_turn)
@@ -416,7 +416,7 @@ class TeacherViewBuilder:
             if prompt_format == "completion" or not eot:
                 eot = _as_id_list(getattr(teacher_tokenizer, "eos_token_id", None))[:1]
         self.teacher_eot_ids: tuple[int, ...] = tuple(eot)
-        if not self.teacher_eot_ids and not self._same and end_of_turn != END_OF_TURN_NONE:
+        if not self.teacher_eot_ids and not self._same and end_of_turn != END_OF_TURN_UNSCORED:
             logger.warning(
                 "teacher tokenizer %r has no end-of-turn or EOS token; the student's end-of-turn positions "
                 "get no teacher signal (pass end_of_turn=... to set one)",

@@ -133,7 +133,21 @@ def test_same_tokenizer_is_all_one_to_one(capsys, data):
     assert r["byte_mismatch_samples"] == 0 and r["same_tokenizer"] is True
     assert any("share a tokenizer" in w for w in r["warnings"])
     assert r["tokenizers"]["student"]["vocab_size"] == len(tok)
-    assert r["end_of_turn"] == {"student": "<|im_end|>", "teacher": "<|im_end|>"}
+    assert r["end_of_turn"] == {"student": "<|im_end|>", "teacher": "<|im_end|>", "unscored_by_choice": False}
+
+
+def test_end_of_turn_unscored_without_a_warning(capsys, data):
+    # A base teacher that never learned the turn end: --end-of-turn unscored leaves the student's end unscored.
+    code, r = run_json(capsys, "--student", "qwen3", "--teacher", "llama3_1", "--data", data)
+    assert code == 0 and r["eot_mapped_fraction"] == 1.0
+    code, r_none = run_json(capsys, "--student", "qwen3", "--teacher", "llama3_1", "--data", data,
+                            "--end-of-turn", "unscored")
+    assert code == 0 and r_none["eot_mapped_fraction"] == 0.0
+    assert r_none["end_of_turn"]["teacher"] is None and r_none["end_of_turn"]["unscored_by_choice"] is True
+    assert not any("not paired" in w for w in r_none["warnings"])
+    # one fewer teacher token per sample (no end-of-turn id), and those student positions lose their signal
+    assert r_none["teacher_tokens"] == r["teacher_tokens"] - r["samples"]
+    assert r_none["covered_fraction"] < r["covered_fraction"]
 
 
 def test_family_pair_matches_align_response(capsys, data):
@@ -161,7 +175,7 @@ def test_family_pair_matches_align_response(capsys, data):
     assert r["max_chunk_width"] == widths_max > 1
     assert r["teacher_student_token_ratio"] == pytest.approx((t_n + n) / s_n)
     assert r["eot_mapped_fraction"] == 1.0 and r["byte_mismatch_samples"] == 0
-    assert r["end_of_turn"] == {"student": "<|im_end|>", "teacher": "<|eot_id|>"}
+    assert r["end_of_turn"] == {"student": "<|im_end|>", "teacher": "<|eot_id|>", "unscored_by_choice": False}
     assert "▶" in r["preview"]["teacher"] and "⟦<|start_header_id|>⟧" in r["preview"]["teacher"]
     assert r["preview"]["student"].endswith("⟦<|im_end|>⟧")
     assert r["warnings"] == []

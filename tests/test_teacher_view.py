@@ -314,8 +314,8 @@ def test_end_of_turn_overrides(toks):
     assert view.response_ids[-2:] == two
     last = view.alignment.student_chunk[-1]
     assert view.alignment.teacher_chunk[-2:].tolist() == [last, last]
-    # "none": the student's end of turn stays unscored (a base teacher cannot judge where a turn ends)
-    view = TeacherViewBuilder(qwen, llama, end_of_turn="none").build(CONVERSATION, response)
+    # "unscored": the student's end of turn stays unscored (a base teacher cannot judge where a turn ends)
+    view = TeacherViewBuilder(qwen, llama, end_of_turn="unscored").build(CONVERSATION, response)
     assert not view.eot_mapped and view.eot_ids == ()
     assert view.response_ids == llama.encode("ok", add_special_tokens=False)
     assert view.alignment.student_chunk[-1] == -1 and view.alignment.reason[-1] == Unaligned.SPECIAL

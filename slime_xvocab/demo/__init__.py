@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="OPD learning rate")
     p.add_argument("--kl-to-start", type=float, default=None, help="coefficient of the KL to the starting policy")
     p.add_argument("--teacher-end-of-turn", default=None,
-                   help="--real: how the student's end of turn is scored (xvocab_end_of_turn; default <eos>, or none)")
+                   help="--real: the teacher token the student's end of turn is scored as (xvocab_end_of_turn; "
+                   "default <eos>; 'unscored' leaves it unscored)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p
 

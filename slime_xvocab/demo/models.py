@@ -1,8 +1,9 @@
 """Small chat LMs on real tokenizers with compact vocabularies: build, SFT, sample, score.
 
 A :class:`ChatLM` bundles a real tokenizer (with its real chat template), a :class:`CompactVocab` and a
-transformers causal LM whose rows are the compact vocabulary. Everything outside this module speaks **real**
-token ids; the mapping to model indices happens here only.
+transformers causal LM whose rows are the compact vocabulary (or, for the ``--real`` demo's checkpoints, an
+:class:`IdentityVocab` over the full vocabulary). Everything outside this module speaks **real** token ids; the
+mapping to model indices happens here only.
 
 Layout of a batch: prompts are left-padded, responses right-padded, so every prompt ends at the same column
 and the response log-probs are a rectangular ``[B, R]`` block (positions past ``response_length`` are masked).
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slime_xvocab.demo.vocab import CompactVocab
+from slime_xvocab.demo.vocab import CompactVocab, IdentityVocab
 
 
 @dataclass
@@ -29,14 +30,14 @@ class ChatLM:
 
     Attributes:
         tokenizer: the real Hugging Face tokenizer (its chat template renders prompts).
-        vocab: real id <-> model index map.
+        vocab: real id <-> model index map (``IdentityVocab`` for a real checkpoint's full vocabulary).
         model: the transformers causal LM (``vocab.size`` rows).
         eot_id: real id of the end-of-turn token (generation stops there).
         template_kwargs: extra ``apply_chat_template`` arguments (e.g. ``enable_thinking=False`` for Qwen3).
     """
 
     tokenizer: object
-    vocab: CompactVocab
+    vocab: CompactVocab | IdentityVocab
     model: torch.nn.Module
     eot_id: int
     template_kwargs: dict

@@ -29,13 +29,29 @@ MODES = ("chunk", "prefix", "exact", "naive")
 
 
 @dataclass
-class DemoConfig:
-    """Every knob of one demo scenario (defaults = the default scenario)."""
+class OPDSettings:
+    """The OPD loop's knobs, shared by both scenarios (slime's flag in brackets where slime has one)."""
+
+    seed: int = 0
+    opd_steps: int = 250
+    opd_batch: int = 64  # rollouts per step (--rollout-batch-size x --n-samples-per-prompt 1)
+    opd_lr: float = 1e-4
+    opd_warmup_steps: int = 0  # linear lr warm-up (--lr-warmup-iters); Adam's first steps are noisy
+    opd_kl_coef: float = 1.0  # (--opd-kl-coef)
+    kl_to_start_coef: float = 0.2  # k3 KL to the start (--use-kl-loss --kl-loss-coef, --kl-loss-type low_var_kl)
+    eps_clip: float = 0.2  # (--eps-clip)
+    normalize_advantages: bool = True  # (--normalize-advantages)
+    max_new_tokens: int = 6  # (--rollout-max-response-len)
+    eval_every: int = 25
+
+
+@dataclass
+class DemoConfig(OPDSettings):
+    """Every knob of the default (arithmetic) scenario; the defaults are the default scenario."""
 
     lo: int = 0
     hi: int = 49
     n_eval: int = 128
-    seed: int = 0
     teacher_family: str = "llama3_1"
     student_family: str = "qwen3"
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
@@ -46,16 +62,6 @@ class DemoConfig:
     student_lr: float = 3e-3
     student_frac: float = 0.3
     sft_batch: int = 128
-    opd_steps: int = 250
-    opd_batch: int = 64
-    opd_lr: float = 1e-4
-    opd_warmup_steps: int = 0  # linear lr warm-up (slime: --lr-warmup-iters); Adam's first steps are noisy
-    opd_kl_coef: float = 1.0
-    kl_to_start_coef: float = 0.2
-    eps_clip: float = 0.2
-    normalize_advantages: bool = True
-    max_new_tokens: int = 6
-    eval_every: int = 25
 
     def cache_key(self, which: str) -> str:
         d = asdict(self)
@@ -132,7 +138,7 @@ def prepare_model(
 
 
 # ---------------------------------------------------------------------------------------------- rollout
-def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, cfg, *,
+def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, cfg: OPDSettings, *,
                teacher_template_kwargs: dict | None = None, teacher_end_of_turn: str | None = None) -> Namespace:
     """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys."""
     rm, post = scoring.hook_paths(mode)
@@ -179,7 +185,7 @@ def _close_plugin_runtime(args: Namespace, loop: asyncio.AbstractEventLoop) -> N
 
 
 def opd_update(
-    student: ChatLM, ref: ChatLM, opt: torch.optim.Optimizer, samples: Sequence[Sample], cfg: DemoConfig
+    student: ChatLM, ref: ChatLM, opt: torch.optim.Optimizer, samples: Sequence[Sample], cfg: OPDSettings
 ) -> dict[str, float]:
     """One PPO-clip step with slime's OPD advantage ``A_t = -coef * (log pi_s - log pi_t)`` + KL to start.
 
@@ -231,7 +237,7 @@ def opd_update(
 
 
 def run_mode(
-    mode: str, cfg: DemoConfig, student_init: ChatLM, args: Namespace, train_problems: Sequence[Problem],
+    mode: str, cfg: OPDSettings, student_init: ChatLM, args: Namespace, train_problems: Sequence[Problem],
     eval_problems: Sequence[Problem], on_progress: Callable[[int, dict], None] | None = None,
     evaluate: Callable = evaluate_task,
 ) -> dict:

@@ -5,14 +5,15 @@ Teacher: Gemma-3-270M (262k-token SentencePiece vocabulary, Gemma-3 chat templat
 the reference teacher server on loopback. Both come from PyPI wheels as GGUF files and are converted once to
 safetensors under the asset cache (:mod:`slime_xvocab.demo.real_models`).
 
-Why this direction: it is the cheaper one on a CPU (the 135M student is the model that samples and trains; the
-262k-row teacher only scores, with its LM head on the response positions only), about 17-30 s per step on 2
-cores against 26-48 s the other way round. The price is that the teacher is a *base* model given a chat
-template: OPD pulls the student toward what a small base LM finds likely, not toward better answers. So the
-demo makes no quality claim. It shows the mechanics on real tokenizers and templates, what happens to
-teacher-scored metrics over a few steps, and that the guards hold (KL to the starting policy, a low learning
-rate, clipped updates): answers keep their bytes per token and keep ending their turn, instead of collapsing
-into short junk tokens that never stop, as an unguarded probe did.
+Why this direction: it is the one a CPU can afford (the 135M student samples and trains; the 262k-row teacher
+only scores, with its LM head on the response positions), about 20 s per step at batch 8 on 2 cores against
+1.5-1.7x that the other way round, and the student is the chat model, so its template and end of turn are real.
+The price is that the teacher is a *base* model given a chat template, flatter than the student on chat
+answers: OPD pulls the student toward what a small base LM finds likely, not toward better answers. So the
+demo makes no quality claim. It shows the mechanics on real tokenizers and templates, how the modes compare on
+teacher-scored metrics per token and per byte, and what the guards (a low learning rate, KL to the starting
+policy, clipped updates) do against the collapse an unguarded probe showed: measured in docs/results.md, they
+keep bytes per token and sentences intact over 12 steps but only slow the drift (fewer answers end their turn).
 
 Run: ``slime-xvocab demo --real --out demo-real`` (first run: ~5 min of downloads and conversion).
 """
@@ -24,26 +25,20 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from slime_xvocab.demo.opd import MODES
+from slime_xvocab.demo.opd import MODES, OPDSettings
 
 
 @dataclass
-class RealConfig:
-    """Knobs of the ``--real`` scenario (read by the shared OPD loop under the same names as ``DemoConfig``)."""
+class RealConfig(OPDSettings):
+    """Knobs of the ``--real`` scenario: the shared OPD settings with real-LM defaults, plus its own."""
 
-    seed: int = 0
-    n_eval: int = 8  # held-out prompts
-    eval_samples: int = 2  # temperature-1 answers per held-out prompt at each evaluation
     opd_steps: int = 12
     opd_batch: int = 8
-    opd_lr: float = 1e-5
-    opd_warmup_steps: int = 0
-    opd_kl_coef: float = 1.0
-    kl_to_start_coef: float = 0.2
-    eps_clip: float = 0.2
-    normalize_advantages: bool = True
+    opd_lr: float = 1e-5  # 5e-5 without KL to the start collapsed within 4 steps (docs/results.md)
     max_new_tokens: int = 48
     eval_every: int = 4
+    n_eval: int = 8  # held-out prompts
+    eval_samples: int = 2  # temperature-1 answers per held-out prompt at each evaluation
     teacher_dtype: str = "auto"  # "auto": bfloat16 where the CPU has native bf16 (2.4x faster there), else fp32
     # Gemma-3-270M is a base model: it never learned <end_of_turn> (log-prob -21 to -31 after a finished answer,
     # which would teach the student never to stop), but its <eos> reads as "the text ends here" (-4 to -7 after
@@ -99,7 +94,7 @@ def pipeline_preview(args_ns: argparse.Namespace, prompt, student) -> dict:
 def run_real(args: argparse.Namespace, console) -> int:
     """Prepare the two real LMs, run OPD in every requested mode through the teacher server, write the report."""
     from slime_xvocab.demo import runner
-    from slime_xvocab.demo.chat_prompts import split_prompts
+    from slime_xvocab.demo.chat_prompts import ChatPrompt, split_prompts
     from slime_xvocab.demo.evaluation import evaluate_chat
     from slime_xvocab.demo.opd import slime_args
     from slime_xvocab.demo.real_models import cpu_has_native_bf16, gemma3_dir
@@ -131,7 +126,7 @@ def run_real(args: argparse.Namespace, console) -> int:
 
     preview_args = slime_args("prefix", "http://127.0.0.1:1", student_dir, teacher_dir, cfg,
                               teacher_end_of_turn=cfg.teacher_end_of_turn)
-    results["pipeline"] = pipeline_preview(preview_args, held_out[0], student)
+    results["pipeline"] = pipeline_preview(preview_args, ChatPrompt("What is the capital of France?"), student)
     pv = results["pipeline"]
     console.print(f"student prompt (ChatML):\n{pv['student_prompt']}")
     console.print(f"teacher prompt (Gemma-3 template, re-rendered from the messages):\n{pv['teacher_prompt']}")
