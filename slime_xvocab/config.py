@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 ARG_PREFIX = "xvocab_"
 ENV_PREFIX = "XVOCAB_"
 FALLBACKS = ("student", "error")
+UNSCORED_POLICIES = ("keep", "mask")
 
 
 def _opt(
@@ -185,6 +186,16 @@ class XVocabConfig:
         "stops training at once.",
         "choice",
         choices=FALLBACKS,
+    )
+    unscored: str = _opt(
+        "keep",
+        "What happens to response tokens without a teacher value (unaligned, not 1:1 in exact mode, or a "
+        "sample that fell back): `keep` trains them with OPD delta 0; `mask` also sets their `loss_mask` to 0. "
+        "With slime's `--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean "
+        "reverse KL / std, pushing those tokens up); `mask` keeps them out of the loss and of the whitening "
+        "statistics, at the price of any task-reward gradient there.",
+        "choice",
+        choices=UNSCORED_POLICIES,
     )
     max_failed_fraction: float = _opt(
         0.1,

@@ -427,6 +427,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         values = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
         alignment_stats = view.alignment.stats()
         exact = runtime.config.credit_mode == "exact" and not runtime.builder.same_tokenizer
+        scored = view.alignment.one_to_one() if exact else view.alignment.student_chunk >= 0
         stats = sample_stats(
             alignment_stats.as_dict(),
             signal_tokens=alignment_stats.one_to_one_tokens if exact else alignment_stats.covered_tokens,
@@ -450,6 +451,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         else:
             reason = Unaligned.TEACHER_FAILED
         values = student
+        scored = np.zeros(n, dtype=bool)
         stats = sample_stats(Alignment.unaligned(n, reason).stats().as_dict(), failed=True)
         error = f"{type(exc).__name__}: {exc}"
         runtime.failures_logged += 1
@@ -461,7 +463,19 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
                 error,
             )
     sample.teacher_log_probs = _to_tensor(values)
+    if config.unscored == "mask":
+        _mask_unscored(sample, scored)
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
+
+
+def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
+    """``xvocab_unscored: mask``: zero ``sample.loss_mask`` where the teacher gave no value (None -> all ones first)."""
+    n = int(sample.response_length)
+    mask = getattr(sample, "loss_mask", None)
+    mask = [1] * n if mask is None else list(mask)
+    if len(mask) != n:  # slime validates this itself; leave a malformed mask for its clearer error
+        return
+    sample.loss_mask = [int(m) if ok else 0 for m, ok in zip(mask, np.asarray(scored, dtype=bool))]
 
 
 def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, student: np.ndarray) -> np.ndarray:
@@ -647,6 +661,8 @@ def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[
         lps = getattr(s, "rollout_log_probs", None)
         values = _as_float_array(lps) if lps is not None and len(lps) == n else np.zeros(n)
         s.teacher_log_probs = _to_tensor(values)
+        if config.unscored == "mask":
+            _mask_unscored(s, np.zeros(n, dtype=bool))
         _update_meta(s, failed=True, error=why)
         fallbacks.append((s, why))
 

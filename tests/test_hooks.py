@@ -287,6 +287,36 @@ def test_unaligned_positions_have_zero_delta(cls, teacher):
     assert n_unaligned > 0, "the 28-token teacher context must cut some responses"
 
 
+@pytest.mark.parametrize("credit_mode", ["chunk", "exact"])
+def test_unscored_mask_takes_positions_without_a_teacher_value_out_of_the_loss(teacher, credit_mode):
+    """xvocab_unscored: mask zeroes loss_mask exactly where the OPD delta is 0 by construction; keep leaves it."""
+    common = dict(teacher="gemma3", xvocab_max_teacher_tokens=28, xvocab_credit_mode=credit_mode)
+    kept = run_rollout(xargs(teacher.url, **common), rollout(Sample))
+    masked = run_rollout(xargs(teacher.url, xvocab_unscored="mask", **common), rollout(Sample))
+    builder = TeacherViewBuilder(load_tokenizer("qwen3"), load_tokenizer("gemma3"), max_teacher_tokens=28)
+    n_masked = 0
+    for k, m in zip(kept, masked, strict=True):
+        assert k.loss_mask == [1] * k.response_length
+        view = builder.build(m.metadata["messages"], m.tokens[-m.response_length:])
+        a = view.alignment
+        scored = a.one_to_one() if credit_mode == "exact" else a.student_chunk >= 0
+        assert m.loss_mask == scored.astype(int).tolist()
+        n_masked += m.response_length - sum(m.loss_mask)
+        m.validate()  # slime's invariant: len(loss_mask) == response_length
+        np.testing.assert_array_equal(m.teacher_log_probs.numpy(), k.teacher_log_probs.numpy())
+    assert n_masked > 0
+
+
+def test_unscored_mask_covers_samples_that_fall_back(dead_url):
+    args = xargs(dead_url, xvocab_max_failed_fraction=1.0, xvocab_unscored="mask")
+    samples = run_rollout(args, rollout(Sample))
+    assert all(s.loss_mask == [0] * s.response_length for s in samples)
+    late = rollout(Sample, 1)[0]  # never scored by the reward hook: the post-process fills and masks it
+    late.metadata["xvocab"] = {}
+    hooks.post_process_rewards(args, [late])
+    assert late.loss_mask == [0] * late.response_length
+
+
 def test_prefix_split_asks_for_top_k_and_conserves_the_teacher_mass(teacher):
     """xvocab_chunk_split=prefix: the hooks fetch the teacher's top-k and give each student token the
     teacher's log-prob of its own bytes; recomputed here independently from the same server."""

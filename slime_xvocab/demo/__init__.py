@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-end-of-turn", default=None,
                    help="--real: the teacher token the student's end of turn is scored as (xvocab_end_of_turn; "
                    "default <eos>; 'unscored' leaves it unscored)")
+    p.add_argument("--unscored", choices=["keep", "mask"], default="keep",
+                   help="xvocab_unscored: tokens without a teacher value keep delta 0, or also leave the loss")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p
 
@@ -144,5 +146,6 @@ def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, co
         results.update(runner.run_modes(
             modes, cfg, student, student_dir, teacher_dir, train, held_out, progress=progress, console=console,
             evaluate=evaluate_task, teacher_template_kwargs=teacher.template_kwargs, timings=timings,
+            unscored=args.unscored,
         ))
     return runner.finish(results, out, console, t_start)

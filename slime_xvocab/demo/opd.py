@@ -139,7 +139,8 @@ def prepare_model(
 
 # ---------------------------------------------------------------------------------------------- rollout
 def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, cfg: OPDSettings, *,
-               teacher_template_kwargs: dict | None = None, teacher_end_of_turn: str | None = None) -> Namespace:
+               teacher_template_kwargs: dict | None = None, teacher_end_of_turn: str | None = None,
+               unscored: str = "keep") -> Namespace:
     """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys."""
     rm, post = scoring.hook_paths(mode)
     return Namespace(
@@ -154,6 +155,7 @@ def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path
         xvocab_chunk_split="prefix" if mode == "prefix" else "uniform",
         xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
         xvocab_template_kwargs=dict(teacher_template_kwargs or {}), xvocab_end_of_turn=teacher_end_of_turn,
+        xvocab_unscored=unscored,
     )
 
 

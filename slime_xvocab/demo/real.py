@@ -140,7 +140,7 @@ def run_real(args: argparse.Namespace, console) -> int:
         results.update(runner.run_modes(
             runner.modes_of(args, MODES), cfg, student, student_dir, teacher_dir, train, eval_prompts,
             progress=progress, console=console, evaluate=evaluate_chat, timings=timings,
-            teacher_end_of_turn=cfg.teacher_end_of_turn,
+            teacher_end_of_turn=cfg.teacher_end_of_turn, unscored=args.unscored,
             server_threads=args.threads, server_args=["--dtype", "bfloat16"] if bf16 else [],
         ))
     return runner.finish(results, out, console, t_start)

@@ -40,6 +40,7 @@ def run_modes(
     evaluate: Callable,
     teacher_template_kwargs: dict | None = None,
     teacher_end_of_turn: str | None = None,
+    unscored: str = "keep",
     server_threads: int = 1,
     server_args: Sequence[str] = (),
     timings: dict[str, float],
@@ -60,7 +61,7 @@ def run_modes(
         for mode in modes:
             sargs = slime_args(mode, handle.url, student_dir, teacher_dir, cfg,
                                teacher_template_kwargs=teacher_template_kwargs,
-                               teacher_end_of_turn=teacher_end_of_turn)
+                               teacher_end_of_turn=teacher_end_of_turn, unscored=unscored)
             task = progress.add_task(f"OPD {mode:<6}", total=cfg.opd_steps, info="")
 
             def on_progress(step: int, m: dict, task=task, mode=mode) -> None:
