@@ -6,7 +6,7 @@ the reference teacher server on loopback. Both come from PyPI wheels as GGUF fil
 safetensors under the asset cache (:mod:`slime_xvocab.demo.real_models`).
 
 Why this direction: it is the one a CPU can afford (the 135M student samples and trains; the 262k-row teacher
-only scores, with its LM head on the response positions), about 20 s per step at batch 8 on 2 cores against
+only scores, with its LM head on the response positions), about 15 s per step at batch 8 on 2 cores against
 1.5-1.7x that the other way round, and the student is the chat model, so its template and end of turn are real.
 The price is that the teacher is a *base* model given a chat template, flatter than the student on chat
 answers: OPD pulls the student toward what a small base LM finds likely, not toward better answers. So the
