@@ -1,4 +1,5 @@
-"""`slime-xvocab demo --tiny` end to end, as a real subprocess, checked through its metrics.json.
+"""`slime-xvocab demo`: `--tiny` end to end as a real subprocess (checked through its metrics.json), the
+full-vocabulary ChatLM the `--real` scenario uses, and `--real` itself (opt-in: SLIME_XVOCAB_REAL_MODELS=1).
 
 The tiny scenario trains a tiny Llama-3.1-tokenizer teacher and a Qwen3-tokenizer student (cached under the
 asset cache after the first run), starts the reference teacher server on loopback and runs on-policy
