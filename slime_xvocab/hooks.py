@@ -66,6 +66,7 @@ __all__ = [
     "log_rollout_data",
     "normalize_group_rewards",
     "get_config",
+    "teacher_view_builder",
     "reset",
     "META_KEY",
 ]
@@ -142,6 +143,16 @@ def _runtime(args: Any) -> _Runtime:
                 runtime = _build_runtime(args, config)
                 _RUNTIMES[id(args)] = (_ref(args), runtime)
     return runtime
+
+
+def teacher_view_builder(args: Any) -> Any:
+    """The :class:`~slime_xvocab.teacher_view.TeacherViewBuilder` the hooks use for ``args`` (built once per args
+    object, tokenizers loaded once per process): for previews and evaluations that must see what the hooks see.
+
+    Raises:
+        ConfigError: the ``xvocab_*`` settings of ``args`` are invalid or a tokenizer does not load.
+    """
+    return _runtime(args).builder
 
 
 def reset(args: Any = None) -> None:

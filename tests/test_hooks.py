@@ -209,6 +209,17 @@ def test_public_names_of_hooks_module():
     assert expected <= set(hooks.__all__)
 
 
+def test_teacher_view_builder_is_the_one_the_hooks_use(dead_url):
+    args = xargs(dead_url, teacher="gemma3", xvocab_end_of_turn="<eos>", xvocab_system_prompt="drop")
+    builder = hooks.teacher_view_builder(args)
+    assert builder is hooks.teacher_view_builder(args)  # built once per args object
+    gemma = load_tokenizer("gemma3")
+    assert builder.teacher_eot_ids == (gemma.convert_tokens_to_ids("<eos>"),)
+    assert builder.system_prompt == "drop"
+    with pytest.raises(ConfigError, match="xvocab_credit_mode"):
+        hooks.teacher_view_builder(xargs(dead_url, xvocab_credit_mode="bogus"))
+
+
 # ---------------------------------------------------------------------------------------------- rollouts
 
 

@@ -1,17 +1,16 @@
 """Held-out evaluation for the demo: teacher-scored metrics of whole student answers, plus task accuracy.
 
-The teacher's judgement of an answer is read through the plugin's own public pieces: a
-:class:`~slime_xvocab.teacher_view.TeacherViewBuilder` re-renders the conversation with the teacher's chat
-template and re-tokenizes the answer text (end of turn mapped), and a
-:class:`~slime_xvocab.teacher_client.TeacherClient` scores it on the teacher server. Sums over whole answers
-do not depend on how log-probs are split between tokens, so these metrics compare every alignment mode (and
-the naive one) on equal terms.
+The teacher's judgement of an answer is read through the plugin's own public pieces: the hooks'
+:class:`~slime_xvocab.teacher_view.TeacherViewBuilder` (:func:`slime_xvocab.hooks.teacher_view_builder`)
+re-renders the conversation with the teacher's chat template and re-tokenizes the answer text (end of turn
+mapped), and a :class:`~slime_xvocab.teacher_client.TeacherClient` scores it on the teacher server. Sums over
+whole answers do not depend on how log-probs are split between tokens, so these metrics compare every
+alignment mode (and the naive one) on equal terms.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,28 +46,12 @@ class AnswerScore:
     coverage: float
 
 
-@functools.lru_cache(maxsize=4)
-def _builder(student_path: str, teacher_path: str, template_kwargs: tuple, end_of_turn: str | None):
-    from transformers import AutoTokenizer
-
-    from slime_xvocab.teacher_view import TeacherViewBuilder
-
-    return TeacherViewBuilder(AutoTokenizer.from_pretrained(student_path), AutoTokenizer.from_pretrained(teacher_path),
-                              template_kwargs=dict(template_kwargs), end_of_turn=end_of_turn)
-
-
-def view_builder(args: Namespace):
-    """The :class:`TeacherViewBuilder` the hooks use for ``args`` (tokenizers, template kwargs, end of turn), cached."""
-    kwargs = tuple(sorted((getattr(args, "xvocab_template_kwargs", None) or {}).items()))
-    return _builder(str(args.hf_checkpoint), str(args.xvocab_teacher_tokenizer), kwargs,
-                    getattr(args, "xvocab_end_of_turn", None))
-
-
 def score_answers(args: Namespace, samples: Sequence[Sample], loop: asyncio.AbstractEventLoop) -> list[AnswerScore]:
     """Score every sample's answer twice on the teacher server: through the teacher's view, and naively."""
+    from slime_xvocab.hooks import teacher_view_builder
     from slime_xvocab.teacher_client import TeacherClient
 
-    builder = view_builder(args)
+    builder = teacher_view_builder(args)
     views = [builder.build(s.metadata[args.xvocab_messages_key], s.response_tokens, sample_id=s.index)
              for s in samples]
     items = [(v.input_ids, v.response_start) for v in views]

@@ -67,9 +67,9 @@ def load_student(progress=print):
 
 def pipeline_preview(args_ns: argparse.Namespace, prompt, student) -> dict:
     """What one sample looks like on both sides: templates, token counts, end-of-turn mapping, alignment."""
-    from slime_xvocab.demo.evaluation import view_builder
+    from slime_xvocab.hooks import teacher_view_builder
 
-    builder = view_builder(args_ns)
+    builder = teacher_view_builder(args_ns)
     answer = "Paris is the capital of France. 🇫🇷"
     s_ids = student.prompt_ids(prompt.messages())
     r_ids = student.tokenizer.encode(answer, add_special_tokens=False) + [student.eot_id]
