@@ -4,7 +4,8 @@ slime cannot be pip-installed here, so the hook tests drive the hooks the way sl
 
 * :class:`Sample`: slime's ``slime.utils.types.Sample`` field names, defaults, ``Status`` enum,
   ``get_reward_value`` and the invariants slime validates (``len(loss_mask) == response_length``,
-  ``len(rollout_log_probs) == response_length``), per /work/shared/reference/slime.md §3;
+  ``len(rollout_log_probs) == response_length``), per /work/shared/reference/slime.md §3; the package's
+  :class:`slime_xvocab.demo.sample.Sample`, which the demo's OPD loop uses too;
 * :data:`SIGNATURES`: the parameter names slime calls each hook with (§2.2, §5);
 * :func:`load_function`: slime's dotted-path loader (``import_module`` + ``getattr``);
 * :func:`make_args`: a Namespace with the slime flags the hooks read, at slime's defaults;
@@ -21,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
 
 import numpy as np
+
+from slime_xvocab.demo.sample import Sample  # noqa: F401  (re-exported: the hook tests' Sample)
 
 #: Parameter names slime passes to each hook (recorded from slime 624b824a).
 SIGNATURES: dict[str, tuple[str, ...]] = {
@@ -45,67 +46,6 @@ def load_function(path: str) -> Any:
     """slime's ``load_function``: ``module.sub.attr`` -> the attribute (no extra error context)."""
     module_path, _, attr = path.rpartition(".")
     return getattr(importlib.import_module(module_path), attr)
-
-
-@dataclass
-class Sample:
-    """slime's ``Sample`` fields (same names, order and defaults) and the behaviour the hooks rely on."""
-
-    group_index: int | None = None
-    index: int | None = None
-    rollout_id: int | None = None
-    prompt: str | list[dict[str, str]] = ""
-    tokens: list[int] = field(default_factory=list)
-    multimodal_inputs: dict | None = None
-    multimodal_train_inputs: dict | None = None
-    multimodal_train_input_id: str | None = None
-    apply_chat_template_kwargs: dict = field(default_factory=dict)
-    response: str = ""
-    response_length: int = 0
-    label: str | None = None
-    reward: float | dict | None = None
-    loss_mask: list[int] | None = None
-    weight_versions: list[str] = field(default_factory=list)
-    rollout_log_probs: list[float] | None = None
-    rollout_top_p_token_ids: Any = None
-    rollout_top_p_token_offsets: Any = None
-    rollout_routed_experts: Any = None
-    remove_sample: bool = False
-    teacher_log_probs: list[float] | None = None
-
-    class Status(Enum):
-        PENDING = "pending"
-        COMPLETED = "completed"
-        TRUNCATED = "truncated"
-        ABORTED = "aborted"
-        FAILED = "failed"
-
-    status: Status = Status.PENDING
-    metadata: dict = field(default_factory=dict)
-    generate_function_path: str | None = None
-    custom_rm_path: str | None = None
-    train_metadata: dict | None = None
-    session_id: str | None = None
-    non_generation_time: float = 0.0
-
-    def get_reward_value(self, args: Any) -> Any:
-        return self.reward if not args.reward_key else self.reward[args.reward_key]
-
-    @property
-    def effective_response_length(self) -> int:
-        return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
-
-    def validate(self) -> None:
-        """The invariants slime checks after every append (``_validate_response_metadata_lengths``)."""
-        if self.loss_mask is not None and len(self.loss_mask) != self.response_length:
-            raise ValueError(
-                f"loss_mask length {len(self.loss_mask)} != response_length {self.response_length}"
-            )
-        if self.rollout_log_probs is not None and len(self.rollout_log_probs) != self.response_length:
-            raise ValueError(
-                f"rollout_log_probs length {len(self.rollout_log_probs)} "
-                f"!= response_length {self.response_length}"
-            )
 
 
 def real_sample_class() -> type | None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slime_xvocab.demo.models import ChatLM
-from slime_xvocab.demo.sample import Sample, make_samples
+from slime_xvocab.demo.sample import Sample, make_samples, response_ids
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def score_answers(args: Namespace, samples: Sequence[Sample], loop: asyncio.Abst
     from slime_xvocab.teacher_client import TeacherClient
 
     builder = teacher_view_builder(args)
-    views = [builder.build(s.metadata[args.xvocab_messages_key], s.response_tokens, sample_id=s.index)
+    views = [builder.build(s.metadata[args.xvocab_messages_key], response_ids(s), sample_id=s.index)
              for s in samples]
     items = [(v.input_ids, v.response_start) for v in views]
     naive_items = [(list(s.tokens), len(s.tokens) - s.response_length) for s in samples]
@@ -64,7 +64,7 @@ def score_answers(args: Namespace, samples: Sequence[Sample], loop: asyncio.Abst
     scores = loop.run_until_complete(_score())
     out = []
     for s, v, t, nv in zip(samples, views, scores[: len(samples)], scores[len(samples):]):
-        ended = bool(s.response_length) and int(s.response_tokens[-1]) in builder.student_end_ids
+        ended = bool(s.response_length) and int(s.tokens[-1]) in builder.student_end_ids
         out.append(AnswerScore(
             teacher_lp=float(np.sum(t.log_probs)), naive_teacher_lp=float(np.sum(nv.log_probs)),
             student_lp=float(np.sum(s.rollout_log_probs)), n_tokens=s.response_length,

@@ -21,7 +21,7 @@ import torch
 from slime_xvocab.demo import scoring
 from slime_xvocab.demo.evaluation import evaluate_task
 from slime_xvocab.demo.models import ChatLM, ModelSize, build_model, numeracy_init, settings_hash, sft
-from slime_xvocab.demo.sample import Sample, make_samples
+from slime_xvocab.demo.sample import Sample, make_samples, prompt_ids, response_ids
 from slime_xvocab.demo.task import Problem, all_problems, split_problems
 from slime_xvocab.demo.vocab import CompactVocab
 
@@ -195,8 +195,8 @@ def opd_update(
     Megatron); the ratio is taken against the rollout log-probs. The loss is the per-sample token mean,
     averaged over samples (slime's ``sum_of_sample_mean``).
     """
-    prompts = [s.prompt_tokens for s in samples]
-    resps = [s.response_tokens for s in samples]
+    prompts = [prompt_ids(s) for s in samples]
+    resps = [response_ids(s) for s in samples]
     R = max(s.response_length for s in samples)
     old = torch.zeros(len(samples), R)
     teach = torch.zeros(len(samples), R)
