@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from slime_xvocab.demo import runner
 from slime_xvocab.demo.opd import MODES, TINY, DemoConfig
 
 __all__ = ["cli_main", "DemoConfig", "MODES"]
@@ -75,6 +76,9 @@ def cli_main(argv: list[str]) -> int:
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights under weight decay otherwise slow the CPU down a lot
     console = Console()
+    if args.teacher_end_of_turn is not None and not args.real:
+        _parser().error("--teacher-end-of-turn applies to --real only (the default scenario's teacher ends with "
+                        "its own template's end of turn)")
     if args.real:
         from slime_xvocab.demo.real import run_real
 
@@ -83,16 +87,8 @@ def cli_main(argv: list[str]) -> int:
     cfg = DemoConfig(seed=args.seed, student_family=args.student, teacher_family=teacher_family)
     if args.tiny:
         cfg = replace(cfg, **TINY)
-    if args.steps is not None:
-        cfg = replace(cfg, opd_steps=args.steps)
-    if args.batch is not None:
-        cfg = replace(cfg, opd_batch=args.batch)
-    if args.lr is not None:
-        cfg = replace(cfg, opd_lr=args.lr)
-    if args.kl_to_start is not None:
-        cfg = replace(cfg, kl_to_start_coef=args.kl_to_start)
-    modes = list(MODES) if args.mode == "all" else [args.mode]
-    return run_scenario(cfg, modes, args, console, "tiny" if args.tiny else "default")
+    cfg = runner.with_cli_overrides(cfg, args)
+    return run_scenario(cfg, runner.modes_of(args, MODES), args, console, "tiny" if args.tiny else "default")
 
 
 def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, console, scenario: str) -> int:
@@ -100,7 +96,6 @@ def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, co
     import torch
 
     from slime_xvocab.assets import cache_dir
-    from slime_xvocab.demo import runner
     from slime_xvocab.demo.evaluation import evaluate_task
     from slime_xvocab.demo.models import greedy_accuracy
     from slime_xvocab.demo.opd import prepare_model

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slime_xvocab.demo.opd import MODES, OPDSettings
@@ -100,11 +100,7 @@ def run_real(args: argparse.Namespace, console) -> int:
     from slime_xvocab.demo.real_models import cpu_has_native_bf16, gemma3_dir
 
     t_start = time.time()
-    cfg = RealConfig(seed=args.seed)
-    for flag, key in (("steps", "opd_steps"), ("batch", "opd_batch"), ("lr", "opd_lr"),
-                      ("kl_to_start", "kl_to_start_coef"), ("teacher_end_of_turn", "teacher_end_of_turn")):
-        if getattr(args, flag) is not None:
-            cfg = replace(cfg, **{key: getattr(args, flag)})
+    cfg = runner.with_cli_overrides(RealConfig(seed=args.seed), args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}

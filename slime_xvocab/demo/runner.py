@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from slime_xvocab.demo.models import ChatLM
+from slime_xvocab.demo.opd import OPDSettings
 
 
 def progress_bars(console):
@@ -28,7 +30,7 @@ def eval_summary(m: dict) -> str:
 
 def run_modes(
     modes: Sequence[str],
-    cfg,
+    cfg: OPDSettings,
     student: ChatLM,
     student_dir: Path,
     teacher_dir: Path,
@@ -94,4 +96,21 @@ def finish(results: dict, out: Path, console, t_start: float) -> int:
 
 
 def modes_of(args: argparse.Namespace, all_modes: Sequence[str]) -> list[str]:
+    """The modes ``--mode`` asks for (``all``: every mode, in order)."""
     return list(all_modes) if args.mode == "all" else [args.mode]
+
+
+# ``slime-xvocab demo`` flag -> the config field it sets (both scenarios' configs have the OPD ones).
+CLI_OVERRIDES = (
+    ("steps", "opd_steps"),
+    ("batch", "opd_batch"),
+    ("lr", "opd_lr"),
+    ("kl_to_start", "kl_to_start_coef"),
+    ("teacher_end_of_turn", "teacher_end_of_turn"),
+)
+
+
+def with_cli_overrides(cfg, args: argparse.Namespace):
+    """``cfg`` with the value of every flag in :data:`CLI_OVERRIDES` the user gave (flags left at None keep it)."""
+    given = {key: getattr(args, flag) for flag, key in CLI_OVERRIDES if getattr(args, flag, None) is not None}
+    return replace(cfg, **given)
