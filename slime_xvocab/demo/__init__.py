@@ -52,9 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="rollouts per OPD step (default per scenario)")
     p.add_argument("--student", choices=["llama3_1", "qwen3"], default="qwen3",
                    help="student family; the teacher is the other one (default: Qwen3 student, Llama-3.1 teacher)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data split, models and OPD run (models are cached per seed)")
+    p.add_argument("--opd-seed", type=int, default=None,
+                   help="reseed only the OPD run (sampling, batch order): same teacher and student, another draw")
     p.add_argument("--lr", type=float, default=None, help="OPD learning rate")
     p.add_argument("--kl-to-start", type=float, default=None, help="coefficient of the KL to the starting policy")
+    p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps of the OPD run")
     p.add_argument("--teacher-end-of-turn", default=None,
                    help="--real: the teacher token the student's end of turn is scored as (xvocab_end_of_turn; "
                    "default <eos>; 'unscored' leaves it unscored)")

@@ -32,7 +32,8 @@ MODES = ("chunk", "prefix", "exact", "naive")
 class OPDSettings:
     """The OPD loop's knobs, shared by both scenarios (slime's flag in brackets where slime has one)."""
 
-    seed: int = 0
+    seed: int = 0  # data split, model initialisation, and (unless opd_seed is set) the OPD run
+    opd_seed: int | None = None  # only the OPD run's sampling and batch order: same models, another draw
     opd_steps: int = 250
     opd_batch: int = 64  # rollouts per step (--rollout-batch-size x --n-samples-per-prompt 1)
     opd_lr: float = 1e-4
@@ -253,15 +254,16 @@ def run_mode(
         "seconds": float}``.
     """
     t0 = time.time()
-    torch.manual_seed(cfg.seed)
+    seed = cfg.seed if cfg.opd_seed is None else cfg.opd_seed
+    torch.manual_seed(seed)
     student = copy.deepcopy(student_init)
     ref = copy.deepcopy(student_init)
     opt = torch.optim.AdamW(student.model.parameters(), lr=cfg.opd_lr, weight_decay=0.0, betas=(0.9, 0.98))
     warm = max(1, cfg.opd_warmup_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    eval_gen_seed = cfg.seed + 12345
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    eval_gen_seed = seed + 12345
     loop = asyncio.new_event_loop()
     history: list[dict] = []
     examples: dict = {}

@@ -106,6 +106,8 @@ CLI_OVERRIDES = (
     ("batch", "opd_batch"),
     ("lr", "opd_lr"),
     ("kl_to_start", "kl_to_start_coef"),
+    ("warmup", "opd_warmup_steps"),
+    ("opd_seed", "opd_seed"),
     ("teacher_end_of_turn", "teacher_end_of_turn"),
 )
 
