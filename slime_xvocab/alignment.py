@@ -13,18 +13,9 @@ an extra or merged token at the start cannot shift anything.
     teacher  |   "347"      | " +"   |  " 85"    |     Llama-3 groups up to three
     chunks   |    3:1       |  1:1   |    2:1    |
 
-Each student position then receives one value, ``teacher_log_probs`` in slime's terms
-(:func:`assign_credit`):
-
-* ``exact``: a 1:1 chunk (one token each side, same bytes) gets the teacher's log-prob; every other
-  position keeps the student's log-prob, so its OPD delta is zero.
-* ``chunk`` (default): each chunk passes the teacher's log-mass for the chunk to its student tokens, so
-  that the sum over the chunk of ``teacher_value - student_logprob`` equals the teacher's chunk log-prob
-  minus the student's. The split inside a chunk is ``uniform`` (every token gets the same share of the
-  chunk's delta) or ``proportional`` (each token's value is its own log-prob scaled by the chunk ratio).
-
-Positions that cannot be aligned keep the student's log-prob and are counted, with a reason
-(:class:`Unaligned`).
+What each student position is worth to the teacher (``teacher_log_probs`` in slime's terms) is
+:mod:`slime_xvocab.credit`'s business. Positions that cannot be aligned keep the student's log-prob and are
+counted, with a reason (:class:`Unaligned`).
 """
 
 from __future__ import annotations
@@ -40,11 +31,6 @@ import numpy as np
 from .errors import ByteMismatchError, SampleError
 from .token_bytes import TokenBytes, tokenizer_lock
 
-CREDIT_MODES = ("chunk", "exact")
-CHUNK_SPLITS = ("uniform", "proportional", "prefix")
-#: Top-k teacher log-probs per position that ``split="prefix"`` asks the teacher for by default.
-PREFIX_TOP_K = 20
-
 
 class Unaligned(IntEnum):
     """Why a student position received no teacher signal (0 means it did)."""
@@ -57,6 +43,7 @@ class Unaligned(IntEnum):
     TEACHER_FAILED = 5  # the teacher could not score the sample (set by the hooks' fallback)
     BYTE_MISMATCH = 6  # student and teacher text disagree here (a teacher normaliser rewrote it)
     INVALID_SAMPLE = 7  # the sample's input could not become a teacher view (messages, template, length)
+    NON_FINITE = 8  # the credit came out NaN/inf (a bug or a broken teacher answer): the sample fell back
 
 
 _REASON_NAMES = [r.name.lower() for r in Unaligned]
@@ -256,7 +243,9 @@ class BatchAlignment:
         )
 
     def assign_credit(self, teacher_log_probs, student_log_probs, *, mode="chunk", split="uniform") -> list:
-        """:func:`assign_credit` for every sample at once; lists of per-sample arrays in and out."""
+        """:func:`~slime_xvocab.credit.assign_credit` for every sample at once; lists of arrays in and out."""
+        from .credit import assign_credit
+
         values = assign_credit(
             self.alignment, _concat(teacher_log_probs), _concat(student_log_probs), mode=mode, split=split
         )
@@ -531,180 +520,6 @@ def spans_from_lengths(lengths: np.ndarray, start: int = 0) -> np.ndarray:
     """int64 ``[n, 2]`` spans of consecutive tokens with the given byte lengths."""
     ends = start + np.cumsum(np.asarray(lengths, dtype=np.int64))
     return np.stack([ends - lengths, ends], axis=1) if len(ends) else np.zeros((0, 2), dtype=np.int64)
-
-
-# --------------------------------------------------------------------------------------------------
-# Credit assignment
-
-
-def assign_credit(
-    alignment: Alignment,
-    teacher_log_probs: np.ndarray,
-    student_log_probs: np.ndarray,
-    *,
-    mode: str = "chunk",
-    split: str = "uniform",
-) -> np.ndarray:
-    """One teacher value per student position (slime's ``teacher_log_probs``).
-
-    Args:
-        alignment: the sample's :class:`Alignment`.
-        teacher_log_probs: float ``[n_teacher]``: the teacher's log-prob of each teacher response token.
-        student_log_probs: float ``[n_student]``: the student's log-prob of each response token (slime's
-            ``rollout_log_probs``). Unaligned positions return exactly these values (OPD delta 0).
-        mode: ``"chunk"`` (every chunk passes on its log-mass) or ``"exact"`` (only 1:1 chunks).
-        split: inside a chunk, ``"uniform"``: value_j = s_j + (T - S) / n, every token gets the same share
-            of the chunk's delta; ``"proportional"``: value_j = s_j * T / S, the tokens the student found
-            harder carry more of it (falls back to uniform where S is 0). Both satisfy
-            sum_j (value_j - s_j) = T - S, with T and S the teacher and student chunk log-probs.
-
-    Returns:
-        float32 ``[n_student]``.
-
-    Example:
-        >>> a = align_spans(np.array([[0, 1], [1, 2]]), np.array([[0, 2]]))          # 2:1 chunk
-        >>> assign_credit(a, np.array([-1.0]), np.array([-0.2, -0.4])).tolist()      # delta -0.4 split evenly
-        [-0.4000000059604645, -0.6000000238418579]
-    """
-    if mode not in CREDIT_MODES:
-        raise ValueError(f"credit mode must be one of {CREDIT_MODES}, got {mode!r}")
-    if split not in CHUNK_SPLITS:
-        raise ValueError(f"chunk split must be one of {CHUNK_SPLITS}, got {split!r}")
-    if split == "prefix" and mode == "chunk":
-        raise ValueError("split='prefix' needs token bytes and the teacher's top-k: use prefix_credit()")
-    teacher = np.asarray(teacher_log_probs, dtype=np.float64)
-    student = np.asarray(student_log_probs, dtype=np.float64)
-    if teacher.shape != (alignment.n_teacher,) or student.shape != (alignment.n_student,):
-        raise ValueError(
-            f"assign_credit: got {teacher.shape[0]} teacher / {student.shape[0]} student log-probs for an "
-            f"alignment of {alignment.n_teacher} teacher / {alignment.n_student} student tokens"
-        )
-    n = alignment.num_chunks
-    s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
-    # Shifting chunk ids by one puts unaligned positions (-1) in bin 0, which is then dropped.
-    t_sum = np.bincount(t_chunk + 1, weights=teacher, minlength=n + 1)[1:]
-    if mode == "exact":
-        out = student.copy()
-        one = alignment.one_to_one()
-        out[one] = t_sum[s_chunk[one]]
-        return out.astype(np.float32)
-    s_sum = np.bincount(s_chunk + 1, weights=student, minlength=n + 1)[1:]
-    s_count, _ = alignment.chunk_sizes()
-    # Index -1 reads the appended 0.0, so unaligned positions keep exactly the student's value.
-    share = np.append((t_sum - s_sum) / np.maximum(s_count, 1), 0.0)
-    out = student + share[s_chunk]
-    if split == "proportional":
-        safe = s_sum < -1e-12
-        ratio = np.append(np.divide(t_sum, s_sum, out=np.ones(n), where=safe), 1.0)
-        use = np.append(safe, False)[s_chunk]
-        out = np.where(use, student * ratio[s_chunk], out)
-    return out.astype(np.float32)
-
-
-def prefix_credit(
-    alignment: Alignment,
-    student_spans: np.ndarray,
-    teacher_spans: np.ndarray,
-    teacher_ids: np.ndarray,
-    data: bytes,
-    teacher_log_probs: np.ndarray,
-    teacher_top: Sequence[tuple[np.ndarray, np.ndarray]] | None,
-    student_log_probs: np.ndarray,
-    teacher_table: TokenBytes,
-) -> np.ndarray:
-    """Chunk credit that follows the teacher's byte-level prefix probabilities (``split="prefix"``).
-
-    A teacher token's log-prob also says where the token *ends*: Llama-3 writing ``2`` (a whole number)
-    after "What is 20 + 6?" is unlikely because the answer is ``26``, not because it starts with ``2``.
-    Splitting that log-prob evenly (or giving it all to a 1:1 student token ``2``) punishes the student's
-    correct first digit and lets the decision that really was wrong, stopping after ``2``, go free.
-
-    With the teacher's top-k distribution at each position, the probability that the text *continues with
-    a byte prefix* ``p`` of the teacher token is approximated by ``mass(p) = sum of P(v)`` over candidate
-    tokens ``v`` (top-k plus the actual token) whose bytes start with ``p``. For a chunk spanning bytes
-    ``(L, R]`` let ``F(x)`` be the teacher's log-prob of the bytes ``(L, x]``: the log-probs of the teacher
-    tokens that end before ``x`` plus ``log mass`` of the part of the token containing ``x``. Student token
-    ``j`` covering ``(b_prev, b_j]`` gets ``F(b_j) - F(b_prev)``: exactly what the teacher thinks of *its
-    bytes*. What remains of the chunk, ``log P(last teacher token) - log mass(its bytes)`` (the teacher's
-    opinion that the token ends there), is charged to the next student token: the token whose bytes show
-    the text did not continue. Over the response the values still sum to the teacher's total log-prob.
-
-    Chunks located through an offset mapping (the teacher's normaliser rewrote the text), chunks of
-    zero-width tokens (end of turn) and chunks without a top-k fall back to the uniform split.
-
-    Args:
-        alignment: the sample's alignment.
-        student_spans, teacher_spans: int64 ``[n, 2]`` byte spans in ``data`` (zero-width for specials).
-        teacher_ids: int64 ``[n_teacher]``.
-        data: the student's response bytes.
-        teacher_log_probs: float ``[n_teacher]``.
-        teacher_top: per teacher position ``(ids, log_probs)`` of its top-k candidates, or None.
-        student_log_probs: float ``[n_student]``; unaligned positions return exactly these.
-        teacher_table: the teacher's :class:`~slime_xvocab.token_bytes.TokenBytes`.
-
-    Returns:
-        float32 ``[n_student]``. Where the prefix split applies every value is a log-prob (<= 0).
-    """
-    student = np.asarray(student_log_probs, dtype=np.float64)
-    teacher = np.asarray(teacher_log_probs, dtype=np.float64)
-    out = assign_credit(alignment, teacher, student, mode="chunk", split="uniform").astype(np.float64)
-    if teacher_top is None or not alignment.num_chunks:
-        return out.astype(np.float32)
-    s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
-    s_order = np.argsort(s_chunk, kind="stable")
-    t_order = np.argsort(t_chunk, kind="stable")
-    s_bounds = np.searchsorted(s_chunk[s_order], np.arange(alignment.num_chunks + 1))
-    t_bounds = np.searchsorted(t_chunk[t_order], np.arange(alignment.num_chunks + 1))
-    carry_to: dict[int, float] = {}
-    for c in range(alignment.num_chunks):
-        s_pos = s_order[s_bounds[c]:s_bounds[c + 1]]
-        t_pos = t_order[t_bounds[c]:t_bounds[c + 1]]
-        t_sp = teacher_spans[t_pos]
-        if (t_sp[:, 1] <= t_sp[:, 0]).any() or any(teacher_top[i] is None for i in t_pos):
-            continue
-        if b"".join(teacher_table.bytes_of(teacher_ids[i:i + 1]) for i in t_pos) != data[t_sp[0, 0]:t_sp[-1, 1]]:
-            continue  # located through offsets: bytes differ, keep the uniform split
-        values, residual = _chunk_prefix_values(
-            student_spans[s_pos, 1], t_pos, t_sp, teacher_ids, teacher, teacher_top, teacher_table, data
-        )
-        out[s_pos] = values
-        nxt = s_pos[-1] + 1
-        if nxt < len(s_chunk) and s_chunk[nxt] >= 0:
-            carry_to[nxt] = carry_to.get(nxt, 0.0) + residual
-        else:  # nothing follows that shows the token ended: the chunk keeps its full log-prob
-            out[s_pos[-1]] += residual
-    for j, residual in carry_to.items():
-        out[j] += residual
-    return out.astype(np.float32)
-
-
-def _chunk_prefix_values(s_ends, t_pos, t_spans, teacher_ids, teacher, teacher_top, table, data):
-    """Per-student-token values of one byte-exact chunk, and the residual for the next token."""
-    values = np.empty(len(s_ends))
-    cum = 0.0  # log-prob of the teacher tokens that ended before the current one
-    prev_f = 0.0
-    k = 0
-    for n_tok, i in enumerate(t_pos):
-        start, end = int(t_spans[n_tok, 0]), int(t_spans[n_tok, 1])
-        cand_ids, cand_lps = teacher_top[i]
-        actual = int(teacher_ids[i])
-        cand_ids = np.asarray(cand_ids)
-        # Model vocabularies are often padded past the tokenizer's; those rows spell nothing.
-        others = (cand_ids != actual) & (cand_ids >= 0) & (cand_ids < table.vocab_size)
-        ids = np.append(np.asarray(cand_ids)[others], actual)
-        lps = np.append(np.asarray(cand_lps, dtype=np.float64)[others], teacher[i])  # the actual token last
-        cand_bytes = [table.bytes_of(ids[m:m + 1]) for m in range(len(ids))]
-        while k < len(s_ends) and s_ends[k] <= end:
-            prefix = data[start:int(s_ends[k])]
-            match = np.fromiter((b.startswith(prefix) for b in cand_bytes), dtype=bool, count=len(ids))
-            f = cum + np.logaddexp.reduce(lps[match])  # the actual token always matches
-            values[k] = f - prev_f
-            prev_f = f
-            k += 1
-        cum += teacher[i]
-    # F at the chunk's end is cum - log P(last) + log mass(last token's bytes); the rest ends the token.
-    residual = cum - prev_f
-    return values, residual
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .alignment import CHUNK_SPLITS, CREDIT_MODES
+from .credit import CHUNK_SPLITS, CREDIT_MODES, DEFAULT_TOP_K
 from .errors import ConfigError
 from .teacher_view import PROMPT_FORMATS, SYSTEM_PROMPT_POLICIES
 
@@ -94,22 +94,31 @@ class XVocabConfig:
         "opt_str",
     )
     credit_mode: str = _opt(
-        "chunk",
-        "`chunk`: every aligned chunk passes the teacher's log-mass to the student tokens in it; `exact`: "
-        "only 1:1 chunks get a teacher value, every other position keeps the student's log-prob (delta 0).",
+        "student_token",
+        "What each student token gets. `student_token`: the teacher's probability of that student token (its "
+        "bytes, and the student not writing a longer token there), read from the teacher's top-k "
+        "(xvocab_top_k) at each position; the value slime's OPD needs to converge to the teacher. `chunk`: "
+        "every aligned chunk passes the teacher's log-mass to its student tokens (xvocab_chunk_split); "
+        "`exact`: only 1:1 chunks get a teacher value. Elsewhere a token keeps the student's log-prob "
+        "(delta 0). See docs/alignment.md.",
         "choice",
         choices=CREDIT_MODES,
     )
     chunk_split: str = _opt(
-        "prefix",
-        "How a chunk's teacher log-mass is split over its student tokens: `prefix` (each student token gets "
-        "the teacher's log-prob of its own bytes, read from the teacher's top-20 at each position; the "
-        "teacher's verdict that its token ends there goes to the next student token, e.g. the end of turn; "
-        "see docs/alignment.md), `uniform` (equal shares of the chunk's teacher-minus-student delta) or "
-        "`proportional` (shares in proportion to each token's own log-prob). `uniform`/`proportional` need no "
-        "top-k from the teacher. Only for credit_mode=chunk.",
+        "uniform",
+        "With credit_mode=chunk, how a chunk's teacher log-mass is split over its student tokens: `uniform` "
+        "(equal shares of the chunk's teacher-minus-student delta) or `proportional` (shares in proportion to "
+        "each token's own log-prob). (`prefix`, the old default, became credit_mode=student_token.)",
         "choice",
         choices=CHUNK_SPLITS,
+    )
+    top_k: int = _opt(
+        DEFAULT_TOP_K,
+        "Teacher top-k log-probs fetched per position for credit_mode=student_token (SGLang "
+        "`top_logprobs_num`). Larger k sees more of a diffuse teacher's distribution; the answer grows by "
+        "about 22 bytes per candidate and position. rollout/xvocab/top_k_mass reports the mass it covered.",
+        "int",
+        minimum=1,
     )
     prompt_format: str = _opt(
         "chat",
@@ -366,6 +375,11 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
     if kind in ("str", "opt_str", "choice"):
         if not isinstance(value, str) or (kind != "opt_str" and not value):
             raise ValueError(f"must be a non-empty string, got {type(value).__name__}")
+        if kind == "choice" and value == "prefix" and "proportional" in meta["choices"]:
+            raise ValueError(
+                "'prefix' was replaced by xvocab_credit_mode: student_token (the default, which values each "
+                "student token with the teacher's probability of that token); remove xvocab_chunk_split"
+            )
         if kind == "choice" and value not in meta["choices"]:
             close = difflib.get_close_matches(value, meta["choices"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -465,8 +479,8 @@ def _warnings(config: XVocabConfig, args: Any) -> list[str]:
             "xvocab_max_failed_fraction is not enforced and samples the reward hook skipped get no "
             "teacher_log_probs"
         )
-    if config.credit_mode == "exact" and config.chunk_split not in ("prefix", "uniform"):
-        out.append("xvocab_chunk_split has no effect with xvocab_credit_mode=exact")
+    if config.credit_mode != "chunk" and config.chunk_split != "uniform":
+        out.append(f"xvocab_chunk_split has no effect with xvocab_credit_mode={config.credit_mode}")
     return out
 
 

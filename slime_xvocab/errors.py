@@ -33,6 +33,10 @@ class ByteMismatchError(SampleError):
     """The student's and the teacher's tokens do not spell the same bytes."""
 
 
+class NonFiniteCreditError(SampleError):
+    """The credit of a sample came out NaN or infinite; the sample falls back instead of reaching training."""
+
+
 class TokenizerError(XVocabError, ValueError):
     """A tokenizer's per-token bytes could not be derived or failed verification."""
 

@@ -54,9 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from .alignment import PREFIX_TOP_K, Alignment, Unaligned, assign_credit, prefix_credit
+from .alignment import Alignment, Unaligned
 from .config import XVocabConfig
-from .errors import ByteMismatchError, ConfigError, SampleError, TeacherError, XVocabError
+from .credit import CreditResult, assign_credit, student_extensions, student_token_credit
+from .errors import ByteMismatchError, ConfigError, NonFiniteCreditError, SampleError, TeacherError, XVocabError
 from .metrics import compute_post_process_metrics, compute_rollout_metrics, sample_stats
 
 __all__ = [
@@ -93,6 +94,7 @@ class _Runtime:
     builder: Any  # teacher_view.TeacherViewBuilder
     client: Any  # teacher_client.TeacherClient
     inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
+    extensions: Any = None  # credit.StudentExtensions of the student tokenizer (student_token credit)
     failures_logged: int = 0
 
 
@@ -219,6 +221,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
 
     student_tok = _load_tokenizer(config.student_tokenizer, config, "student")
     teacher_tok = _load_tokenizer(config.teacher_tokenizer, config, "teacher")
+    student_token = config.credit_mode == "student_token"
     builder = TeacherViewBuilder(
         student_tok,
         teacher_tok,
@@ -228,7 +231,10 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         end_of_turn=config.end_of_turn,
         student_end_of_turn=_student_end_ids(student_tok, config.student_end_of_turn),
         max_teacher_tokens=config.max_teacher_tokens,
+        probe_next=student_token,
     )
+    student_token = student_token and not builder.same_tokenizer
+    extensions = student_extensions(student_tok, builder.student_table) if student_token else None
     client = TeacherClient(
         list(config.teacher_urls),
         api_key=config.api_key,
@@ -236,7 +242,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         max_retries=config.max_retries,
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
-        top_logprobs=PREFIX_TOP_K if config.chunk_split == "prefix" and config.credit_mode == "chunk" else 0,
+        top_logprobs=config.top_k if student_token else 0,
     )
     inner_args = None
     if config.inner_rm_type:
@@ -250,7 +256,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
         ", ".join(client.urls),
     )
-    return _Runtime(config, builder, client, inner_args)
+    return _Runtime(config, builder, client, inner_args, extensions)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -435,13 +441,20 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
             teacher, top = np.zeros(0, dtype=np.float32), None
-        values = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
+        credit = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
+        values, scored = credit.values, credit.scored
+        if not np.isfinite(values).all():
+            k = int(np.flatnonzero(~np.isfinite(values))[0])
+            raise NonFiniteCreditError(
+                f"teacher_log_probs[{k}] came out {values[k]!r} (credit_mode={runtime.config.credit_mode}); the "
+                "sample keeps the student's log-probs. Please report it with the sample's text."
+            )
         alignment_stats = view.alignment.stats()
-        exact = runtime.config.credit_mode == "exact" and not runtime.builder.same_tokenizer
-        scored = view.alignment.one_to_one() if exact else view.alignment.student_chunk >= 0
         stats = sample_stats(
             alignment_stats.as_dict(),
-            signal_tokens=alignment_stats.one_to_one_tokens if exact else alignment_stats.covered_tokens,
+            signal_tokens=int(scored.sum()),
+            top_k_mass=credit.top_mass,
+            clamped_tokens=credit.clamped,
             latency_s=latency,
             attempts=attempts,
             eot_mapped=view.eot_mapped,
@@ -455,7 +468,9 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
                 f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
                 "student to train on with the student's own log-probs for such samples)"
             ) from exc
-        if isinstance(exc, ByteMismatchError):
+        if isinstance(exc, NonFiniteCreditError):
+            reason = Unaligned.NON_FINITE
+        elif isinstance(exc, ByteMismatchError):
             reason = Unaligned.BYTE_MISMATCH
         elif isinstance(exc, SampleError):
             reason = Unaligned.INVALID_SAMPLE
@@ -489,20 +504,18 @@ def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
     sample.loss_mask = [int(m) if ok else 0 for m, ok in zip(mask, np.asarray(scored, dtype=bool))]
 
 
-def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, student: np.ndarray) -> np.ndarray:
-    """One teacher value per student position, by the configured credit mode and chunk split."""
+def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, student: np.ndarray) -> CreditResult:
+    """One teacher value per student position, by the configured credit mode."""
     config = runtime.config
-    if runtime.builder.same_tokenizer or config.credit_mode == "exact":
-        mode = "exact" if runtime.builder.same_tokenizer else config.credit_mode
-        return assign_credit(view.alignment, teacher, student, mode=mode)
-    if config.chunk_split == "prefix" and view.source is not None:
-        v = view.source
-        return prefix_credit(
-            view.alignment, v.student_spans, v.teacher_spans, np.asarray(v.response_ids, dtype=np.int64),
-            v.response_bytes, teacher, top, student, runtime.builder.teacher_table,
+    if runtime.extensions is not None and view.source is not None:
+        return student_token_credit(
+            view.source, teacher, top, student, runtime.extensions, runtime.builder.teacher_table
         )
-    split = "uniform" if config.chunk_split == "prefix" else config.chunk_split
-    return assign_credit(view.alignment, teacher, student, mode="chunk", split=split)
+    exact = runtime.builder.same_tokenizer or config.credit_mode == "exact"
+    values = assign_credit(view.alignment, teacher, student, mode="exact" if exact else "chunk",
+                           split=config.chunk_split)
+    scored = view.alignment.one_to_one() if exact else view.alignment.student_chunk >= 0
+    return CreditResult(values, scored)
 
 
 def _load_function(path: str) -> Any:
@@ -662,6 +675,8 @@ def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[
             )
         elif len(tlp) != n:
             why = f"teacher_log_probs has {len(tlp)} values but response_length is {n}"
+        elif not np.isfinite(_as_float_array(tlp)).all():
+            why = "NonFiniteCreditError: teacher_log_probs holds NaN or infinite values; never sent to training"
         elif entry.get("failed"):
             fallbacks.append((s, entry.get("error") or "teacher call failed"))
             continue

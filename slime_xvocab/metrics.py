@@ -32,13 +32,17 @@ METRICS: dict[str, str] = {
     "one_to_one_fraction": "share of student response tokens in 1:1 chunks (one student token = one teacher "
     "token, same bytes); 1.0 when both sides share a tokenizer",
     "signal_fraction": "share of student response tokens that get a teacher value under the credit mode "
-    "(covered tokens in chunk mode, 1:1 tokens in exact mode)",
+    "(covered tokens in student_token and chunk mode, 1:1 tokens in exact mode)",
     "mean_chunk_width": "mean width of aligned chunks, a chunk's width being its longer side in tokens",
     "max_chunk_width": "widest chunk of the rollout",
     "unaligned_tokens": "student response tokens with no teacher signal (they keep their own log-prob: "
     "OPD delta 0)",
     "unaligned/<reason>": "unaligned tokens by reason: special, teacher_context, invalid_utf8, "
-    "no_teacher_tokens, byte_mismatch, teacher_failed, invalid_sample",
+    "no_teacher_tokens, byte_mismatch, teacher_failed, invalid_sample, non_finite",
+    "top_k_mass": "mean probability mass the teacher's top-k listed per position (credit_mode=student_token); "
+    "1 - top_k_mass is the tail the values cannot see: raise xvocab_top_k when it is low",
+    "clamped_tokens": "student tokens whose student_token value came out above 0 (paths the first-order count "
+    "misses) and was set to 0",
     "eot_mapped_fraction": "share of samples whose final end-of-turn token was paired with the teacher's "
     "end-of-turn token (samples cut by the length limit have none to pair)",
     "teacher_student_token_ratio": "teacher response tokens / student response tokens over the rollout",
@@ -65,6 +69,8 @@ def sample_stats(
     teacher_truncated_tokens: int = 0,
     failed: bool = False,
     signal_tokens: int | None = None,
+    top_k_mass: float = 1.0,
+    clamped_tokens: int = 0,
 ) -> dict[str, float]:
     """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
 
@@ -78,6 +84,8 @@ def sample_stats(
         failed: the sample could not be scored (its values come from the fallback).
         signal_tokens: student tokens that get a teacher value under the credit mode (default: the
             covered tokens, as in chunk mode; exact mode passes the 1:1 tokens).
+        top_k_mass: mean mass the teacher's top-k covered per position (1.0 without top-k).
+        clamped_tokens: student_token values clamped to 0.
 
     Returns:
         A flat ``dict[str, float]``; alignment keys keep their names, ``unaligned/<reason>`` included.
@@ -90,6 +98,8 @@ def sample_stats(
         exact_bytes=float(bool(exact_bytes)),
         teacher_truncated_tokens=float(teacher_truncated_tokens),
         failed=float(bool(failed)),
+        top_k_mass=float(top_k_mass),
+        clamped_tokens=float(clamped_tokens),
     )
     covered = out.get("student_tokens", 0.0) - out.get("unaligned_tokens", 0.0)
     out["signal_tokens"] = float(covered if signal_tokens is None else signal_tokens)
@@ -148,6 +158,10 @@ def compute_rollout_metrics(
     out["teacher_latency_p99_s"] = float(p99)
     out["teacher_retries"] = float(np.maximum(attempts - 1, 0).sum())
     out["teacher_failures"] = float(col("failed").sum())
+    scored = col("failed") == 0  # token-weighted over the samples the teacher scored
+    mass = col("top_k_mass")[scored]
+    out["top_k_mass"] = float(np.average(mass, weights=student[scored] + 1e-12)) if scored.any() else 1.0
+    out["clamped_tokens"] = float(col("clamped_tokens").sum())
     return out
 
 

@@ -78,11 +78,16 @@ class TeacherView:
             the teacher's normaliser rewrote text or bytes were invalid UTF-8; spans then come from offsets).
         prompt_text: the teacher prompt as text (for previews and debugging).
         eot_ids: the teacher end-of-turn ids appended (empty if none).
+        probe_ids: one id appended after the text when the response does not end its turn (cut by length, or
+            the end of turn unscored) and the builder was asked to probe: its log-prob means nothing, but the
+            teacher's top-k at that position is its distribution after the whole text, which
+            :func:`~slime_xvocab.credit.student_token_credit` needs to value the last student token.
         sample_id: the sample id given to :meth:`TeacherViewBuilder.build`, for messages.
         response_bytes: the bytes the student's response spells.
         student_spans, teacher_spans: int64 ``[n, 2]`` byte spans of every student response token and every
-            teacher token after ``response_start`` in ``response_bytes`` (zero-width for control tokens);
-            what :func:`~slime_xvocab.alignment.prefix_credit` needs.
+            teacher token after ``response_start`` in ``response_bytes`` (zero-width for control tokens).
+        student_ids: int64 ``[n]``: the student's response ids (what
+            :func:`~slime_xvocab.credit.student_token_credit` asks the student tokenizer about).
     """
 
     input_ids: list[int]
@@ -93,10 +98,12 @@ class TeacherView:
     exact_bytes: bool
     prompt_text: str = ""
     eot_ids: tuple[int, ...] = ()
+    probe_ids: tuple[int, ...] = ()
     sample_id: object = None
     response_bytes: bytes = b""
     student_spans: np.ndarray | None = None
     teacher_spans: np.ndarray | None = None
+    student_ids: np.ndarray | None = None
 
     @property
     def response_ids(self) -> list[int]:
@@ -341,6 +348,9 @@ class TeacherViewBuilder:
         student_end_of_turn: ids that end a student turn, overriding discovery.
         max_teacher_tokens: the teacher's context budget for prompt + response + end-of-turn. Response
             tokens past it are dropped (their student positions unaligned, ``TEACHER_CONTEXT``).
+        probe_next: when a response does not end its turn, append one probe id after the text (within
+            ``max_teacher_tokens``) so the teacher's top-k after the whole text comes back
+            (:attr:`TeacherView.probe_ids`); ``student_token`` credit needs it.
         completion_template: per-message format string for ``prompt_format="completion"``, with fields
             ``{role}`` and ``{content}``; default ``"{content}\\n\\n"``.
 
@@ -360,6 +370,7 @@ class TeacherViewBuilder:
         student_end_of_turn: Sequence[int] | None = None,
         max_teacher_tokens: int | None = None,
         completion_template: str = DEFAULT_COMPLETION_TEMPLATE,
+        probe_next: bool = False,
     ) -> None:
         problems = []
         if prompt_format not in PROMPT_FORMATS:
@@ -396,6 +407,7 @@ class TeacherViewBuilder:
         self.system_prompt = system_prompt
         self.max_teacher_tokens = max_teacher_tokens
         self.completion_template = completion_template
+        self.probe_next = bool(probe_next)
         self._teacher_lock = tokenizer_lock(teacher_tokenizer)
         self.student_table = token_bytes(student_tokenizer)
         self.teacher_table = token_bytes(teacher_tokenizer)
@@ -584,9 +596,16 @@ class TeacherViewBuilder:
             if eot:
                 n_resp = len(encoding.ids)
                 alignment = alignment.with_pair([len(response) - 1], list(range(n_resp, n_resp + len(eot))))
-        input_ids = prompt_ids + encoding.ids.tolist() + eot
+        probe = []
+        if self.probe_next and not eot and not truncated and (room is None or len(encoding.ids) < room):
+            probe = [self._probe_id(encoding.ids)]
+            alignment = Alignment(
+                alignment.student_chunk, np.append(alignment.teacher_chunk, -1), alignment.reason,
+                alignment.num_chunks,
+            )
+        input_ids = prompt_ids + encoding.ids.tolist() + eot + probe
         data = self.student_table.bytes_of(text_ids)
-        end = np.full((len(eot), 2), len(data), dtype=np.int64)
+        end = np.full((len(eot) + len(probe), 2), len(data), dtype=np.int64)
         return TeacherView(
             input_ids=input_ids,
             response_start=len(prompt_ids),
@@ -596,11 +615,20 @@ class TeacherViewBuilder:
             exact_bytes=bool(encoding.exact),
             prompt_text=prompt_text,
             eot_ids=tuple(eot),
+            probe_ids=tuple(probe),
             sample_id=sample_id,
             response_bytes=data,
             student_spans=response_spans(response, self.student_table),
             teacher_spans=np.concatenate([encoding.spans.reshape(-1, 2), end]),
+            student_ids=response,
         )
+
+    def _probe_id(self, response_ids: np.ndarray) -> int:
+        """Any id will do (only the top-k at its position is read); the end of turn is the most natural."""
+        if self.teacher_eot_ids:
+            return int(self.teacher_eot_ids[0])
+        eos = _as_id_list(getattr(self.teacher_tokenizer, "eos_token_id", None))
+        return int(eos[0]) if eos else int(response_ids[-1]) if len(response_ids) else 0
 
     def _identity_view(self, prompt_ids, prompt_text, response, room, ends_turn, sample_id) -> TeacherView:
         """Same tokenizer: the teacher scores the student's own response ids, position for position."""
@@ -625,4 +653,5 @@ class TeacherViewBuilder:
             response_bytes=self.student_table.bytes_of(response),
             student_spans=spans,
             teacher_spans=spans[:keep],
+            student_ids=response,
         )

@@ -14,14 +14,12 @@ from slime_xvocab.alignment import (
     align_response,
     align_spans,
     align_tokens,
-    assign_credit,
     decode_with_byte_map,
     encode_bytes,
-    prefix_credit,
-    response_spans,
     spans_from_lengths,
 )
 from slime_xvocab.assets import TEST_FAMILIES
+from slime_xvocab.credit import assign_credit
 from slime_xvocab.errors import ByteMismatchError
 
 TEXTS = {
@@ -353,34 +351,3 @@ def test_teacher_that_deletes_text_gets_no_signal_there(tokenizers, tables):
     assert a.student_chunk[0] >= 0  # "keep" still aligned
     values = assign_credit(a, -np.ones(len(enc.ids)), -np.full(len(s_ids), 0.5))
     np.testing.assert_array_equal(values[a.student_chunk < 0], np.float32(-0.5))
-
-
-def test_prefix_credit_puts_the_teacher_verdict_on_the_right_digit(tokenizers, tables):
-    """Teacher (Llama-3.1) believes the answer is 26; a Qwen3 student writes digits one by one."""
-    s_tok, s_tab, t_tok, t_tab = tokenizers["qwen3"], tables["qwen3"], tokenizers["llama3_1"], tables["llama3_1"]
-    tid = t_tok.convert_tokens_to_ids
-    first = (np.array([tid("26"), tid("27"), tid("2"), tid("3")]), np.log([0.9, 0.05, 0.01, 0.02]))
-    then = (np.array([tid("Ġis")]), np.log([0.5]))
-
-    def credit(text: str):
-        ids = encode_student(s_tok, text)
-        enc, a = align_response(ids, s_tab, t_tok, t_tab)
-        top = [first, then][: len(enc.ids)]
-        lookup = [dict(zip(c.tolist(), lp.tolist())) for c, lp in top]
-        t_lp = np.array([lookup[i].get(int(x), -12.0) for i, x in enumerate(enc.ids)])
-        values = prefix_credit(
-            a, response_spans(ids, s_tab), enc.spans, enc.ids, s_tab.bytes_of(ids), t_lp, top,
-            np.full(len(ids), -0.5), t_tab,
-        )
-        assert values.sum() == pytest.approx(t_lp.sum(), abs=1e-5)  # conservation
-        assert (values <= 1e-6).all()  # valid log-probs
-        return values
-
-    right, wrong = credit("26"), credit("27")
-    assert right[0] == pytest.approx(np.log(0.96), abs=1e-5)  # P(starts with "2") = 0.9 + 0.05 + 0.01
-    assert wrong[0] == right[0]  # the first digit is right in both
-    assert wrong[1] == pytest.approx(np.log(0.05 / 0.96), abs=1e-4) and right[1] > -0.1  # only "7" pays
-    # "2" then " is": Llama's token "2" means the number 2; that verdict goes to the token that ended it.
-    stop = credit("2 is")
-    assert stop[0] == pytest.approx(np.log(0.96), abs=1e-5)
-    assert stop[1] == pytest.approx(np.log(0.5) + np.log(0.01 / 0.96), abs=1e-4)

@@ -28,7 +28,7 @@ def test_defaults_and_slime_fallbacks():
     config = build()
     assert config.teacher_urls == ("http://127.0.0.1:30000",)
     assert config.student_tokenizer == "/models/student"  # --hf-checkpoint
-    assert (config.credit_mode, config.chunk_split, config.fallback) == ("chunk", "prefix", "student")
+    assert (config.credit_mode, config.chunk_split, config.fallback) == ("student_token", "uniform", "student")
     # slime's own OPD passes the teacher as --rm-url: that alone is enough.
     args = make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t", rm_url="http://10.0.0.7:13141/generate")
     assert XVocabConfig.from_args(args, environ={}).teacher_urls == ("http://10.0.0.7:13141/generate",)
@@ -90,7 +90,7 @@ def test_every_problem_in_one_error():
         "unknown key 'xvocab_teacher_tokenzier' (did you mean 'xvocab_teacher_tokenizer'?)",
         "unknown environment variable 'XVOCAB_TEACHER_URL' (did you mean 'XVOCAB_TEACHER_URLS'?)",
         "XVOCAB_TIMEOUT_S (environment) = 'soon': must be a number",
-        "xvocab_credit_mode = 'chunks': must be one of chunk, exact (did you mean 'chunk'?)",
+        "xvocab_credit_mode = 'chunks': must be one of student_token, chunk, exact (did you mean 'chunk'?)",
         "xvocab_max_retries = -1: must be >= 0",
         "xvocab_template_kwargs = 'enable_thinking=false': must be a mapping",
         "xvocab_fallback = 'student_lp': must be one of student, error",

@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 def test_every_mode_ran_with_finite_metrics(tiny_run):
-    assert set(tiny_run["modes"]) == {"chunk", "prefix", "exact", "naive"}
+    assert set(tiny_run["modes"]) == {"chunk", "student_token", "exact", "naive"}
     for mode, r in tiny_run["modes"].items():
         assert len(r["history"]) >= 2, mode
         for h in r["history"]:
@@ -53,14 +53,14 @@ def test_teacher_log_probs_shapes_and_hooks(tiny_run):
         assert r["check"]["teacher_log_probs_len_ok"], mode
         assert r["check"]["teacher_log_probs_finite"], mode
     assert tiny_run["modes"]["naive"]["hooks"][0] == "slime_xvocab.demo.naive.reward_func"
-    for mode in ("chunk", "prefix", "exact"):
+    for mode in ("chunk", "student_token", "exact"):
         assert tiny_run["modes"][mode]["hooks"] == [
             "slime_xvocab.hooks.reward_func", "slime_xvocab.hooks.post_process_rewards"], mode
     assert tiny_run["config"]["student_family"] == "qwen3"  # the direction: Qwen3 student
 
 
 def test_chunk_mode_covers_every_response_token(tiny_run):
-    for mode in ("chunk", "prefix"):
+    for mode in ("chunk", "student_token"):
         assert tiny_run["modes"][mode]["check"]["min_coverage"] == pytest.approx(1.0), mode
     # exact mode cannot score the numbers the two tokenizers split differently: those keep the student's
     # own log-prob (no signal); chunk mode gives (almost) every token a teacher value
@@ -122,7 +122,7 @@ def test_real_scenario_end_to_end(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "slime_xvocab.cli", "demo", "--real", "--steps", "1", "--batch", "2",
-         "--mode", "prefix", "--out", str(tmp_path)],
+         "--mode", "student_token", "--out", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -132,7 +132,7 @@ def test_real_scenario_end_to_end(tmp_path):
     assert "<|im_start|>assistant" in pv["student_prompt"]
     assert pv["eot_mapped"] and pv["teacher_end_of_turn"] == ["<eos>"]
     assert pv["coverage"] == 1.0
-    r = res["modes"]["prefix"]
+    r = res["modes"]["student_token"]
     assert r["check"]["teacher_log_probs_len_ok"] and r["check"]["teacher_log_probs_finite"]
     assert r["check"]["min_coverage"] > 0.9
     for h in r["history"]:

@@ -10,9 +10,8 @@ and seed:
 
 * ``chunk``: the plugin, byte-exact chunk alignment, a chunk's teacher log-prob split evenly over its
   student tokens (``xvocab_chunk_split: uniform``);
-* ``prefix``: the plugin's default, chunk alignment with ``xvocab_chunk_split: prefix`` (each student token
-  gets the teacher's log-prob of its own bytes from the teacher's top-k; "the token ends here" goes to the
-  next token);
+* ``student_token``: the plugin's default (``xvocab_credit_mode: student_token``): each student token gets the
+  teacher's probability of that student token, read from the teacher's top-k;
 * ``exact``: the plugin, only 1:1 token matches get teacher signal;
 * ``naive``: slime's stock OPD hooks (student ids sent to the teacher as if the vocabularies matched).
 

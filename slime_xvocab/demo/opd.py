@@ -25,7 +25,7 @@ from slime_xvocab.demo.sample import Sample, make_samples, prompt_ids, response_
 from slime_xvocab.demo.task import Problem, all_problems, split_problems
 from slime_xvocab.demo.vocab import CompactVocab
 
-MODES = ("chunk", "prefix", "exact", "naive")
+MODES = ("chunk", "student_token", "exact", "naive")
 
 
 @dataclass
@@ -152,8 +152,8 @@ def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path
         eps_clip=cfg.eps_clip, rollout_max_response_len=cfg.max_new_tokens, metadata_key="metadata",
         # the plugin's keys (docs/configuration.md)
         xvocab_teacher_urls=[teacher_url], xvocab_teacher_tokenizer=str(teacher_dir),
-        xvocab_credit_mode="exact" if mode == "exact" else "chunk", xvocab_messages_key="messages",
-        xvocab_chunk_split="prefix" if mode == "prefix" else "uniform",
+        xvocab_credit_mode={"exact": "exact", "student_token": "student_token"}.get(mode, "chunk"),
+        xvocab_messages_key="messages", xvocab_chunk_split="uniform",
         xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
         xvocab_template_kwargs=dict(teacher_template_kwargs or {}), xvocab_end_of_turn=teacher_end_of_turn,
         xvocab_unscored=unscored,

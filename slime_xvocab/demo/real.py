@@ -120,7 +120,7 @@ def run_real(args: argparse.Namespace, console) -> int:
     train, held_out = split_prompts(cfg.n_eval, cfg.seed)
     eval_prompts = [p for p in held_out for _ in range(cfg.eval_samples)]
 
-    preview_args = slime_args("prefix", "http://127.0.0.1:1", student_dir, teacher_dir, cfg,
+    preview_args = slime_args("student_token", "http://127.0.0.1:1", student_dir, teacher_dir, cfg,
                               teacher_end_of_turn=cfg.teacher_end_of_turn)
     results["pipeline"] = pipeline_preview(preview_args, ChatPrompt("What is the capital of France?"), student)
     pv = results["pipeline"]

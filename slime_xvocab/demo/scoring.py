@@ -6,7 +6,7 @@ loaded by dotted path with importlib. The hooks set ``sample.teacher_log_probs``
 student positions).
 
 Modes:
-    * ``chunk`` / ``prefix`` / ``exact``: the plugin's cross-vocabulary hooks (``slime_xvocab.hooks``); credit
+    * ``chunk`` / ``student_token`` / ``exact``: the plugin's cross-vocabulary hooks (``slime_xvocab.hooks``); credit
       mode in ``args.xvocab_credit_mode``, chunk split in ``args.xvocab_chunk_split``.
     * ``naive``: what slime's stock OPD hooks do (:mod:`slime_xvocab.demo.naive`): the student's ids are sent
       to the teacher as if both shared one vocabulary.

@@ -1,0 +1,131 @@
+"""An exact oracle for credit: a teacher whose whole distribution is a handful of responses.
+
+The teacher puts probability ``P(w)`` on each designed response ``w`` and writes it in its own canonical
+tokens (the teacher tokenizer's plain encode), then ends its turn. Its next-token distribution after any
+prefix of one of those token sequences follows by counting, so both what an SGLang teacher would answer
+(``score``: the observed tokens' log-probs and the top-k at every position) and the right value of every
+student token (``oracle_values``: brute-force marginalisation over the responses in the *student's*
+canonical tokens) are exact. Nothing here uses the plugin's alignment or credit code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+from collections import defaultdict
+
+import numpy as np
+from aiohttp import web
+
+
+def canonical_ids(tokenizer, text: str) -> list[int]:
+    """The tokenizer's own encoding of ``text`` (no special tokens added)."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def spells(table, ids, text: str) -> bool:
+    return table.bytes_of(np.asarray(ids, dtype=np.int64)) == text.encode()
+
+
+class CanonicalTeacher:
+    """P over a few responses, each tokenized canonically by the teacher, then its end of turn."""
+
+    def __init__(self, tokenizer, responses: dict[str, float], eot_id: int) -> None:
+        total = sum(responses.values())
+        self.responses = {text: p / total for text, p in responses.items()}
+        self.eot_id = eot_id
+        self.paths = [(tuple(canonical_ids(tokenizer, text)) + (eot_id,), p) for text, p in self.responses.items()]
+
+    def next_distribution(self, prefix: tuple[int, ...]) -> dict[int, float]:
+        mass: dict[int, float] = defaultdict(float)
+        for ids, p in self.paths:
+            if len(ids) > len(prefix) and ids[: len(prefix)] == prefix:
+                mass[ids[len(prefix)]] += p
+        total = sum(mass.values())
+        return {tok: p / total for tok, p in mass.items()} if total else {}
+
+    def score(self, response_ids, k: int | None = None) -> tuple[np.ndarray, list]:
+        """What SGLang would return for these teacher response ids: log-probs and the top-k per position."""
+        lps, top = [], []
+        for i, tok in enumerate(response_ids):
+            dist = self.next_distribution(tuple(response_ids[:i]))
+            p = dist.get(int(tok), 0.0)
+            lps.append(math.log(p) if p > 0 else -30.0)
+            ranked = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
+            top.append((np.array([t for t, _ in ranked], dtype=np.int64), np.log([q for _, q in ranked])))
+        return np.array(lps), top
+
+
+def oracle_values(student_tokenizer, responses: dict[str, float], text: str, ends_turn: bool) -> np.ndarray:
+    """The teacher's probability of each student token, by brute force over the responses.
+
+    ``v_j = log P(S(w)[:j+1] == s[:j+1]) - log P(S(w)[:j] == s[:j])`` with ``S`` the student's canonical
+    tokenization and ``s = S(text)``; the end of turn gets ``log P(w == text) - log P(S(w)[:n] == s)``.
+    """
+    total = sum(responses.values())
+    probs = {w: p / total for w, p in responses.items()}
+    tokenized = {w: tuple(canonical_ids(student_tokenizer, w)) for w in probs}
+    s = tokenized[text] if text in tokenized else tuple(canonical_ids(student_tokenizer, text))
+
+    def mass(j: int) -> float:
+        return sum(p for w, p in probs.items() if tokenized[w][:j] == s[:j] and len(tokenized[w]) >= j)
+
+    values = [math.log(mass(j + 1) / mass(j)) for j in range(len(s))]
+    if ends_turn:
+        values.append(math.log(probs.get(text, 0.0) / mass(len(s))))
+    return np.array(values)
+
+
+class OracleServer:
+    """The canonical teacher behind SGLang's ``/generate`` scoring protocol, on loopback (a real HTTP server).
+
+    Answers ``input_token_logprobs`` from ``logprob_start_len`` on (leading null, as SGLang does) and, when
+    asked, ``input_top_logprobs``; the response starts at ``logprob_start_len + 1``.
+    """
+
+    def __init__(self, teacher: CanonicalTeacher) -> None:
+        self.teacher = teacher
+        self.requests = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> OracleServer:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_post("/generate", self._generate)
+        self._runner = web.AppRunner(app)
+        self._loop.run_until_complete(self._runner.setup())
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _generate(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests += 1
+        ids, start = body["input_ids"], int(body["logprob_start_len"])
+        k = int(body.get("top_logprobs_num") or 0)
+        lps, top = self.teacher.score(ids[start + 1:], k or None)
+        meta = {
+            "prompt_tokens": len(ids),
+            "input_token_logprobs": [[None, ids[start], None]]
+            + [[float(lp), int(t), None] for lp, t in zip(lps, ids[start + 1:])],
+        }
+        if k:
+            meta["input_top_logprobs"] = [None] + [
+                [[float(lp), int(t), None] for t, lp in zip(t_ids, t_lps)] for t_ids, t_lps in top
+            ]
+        return web.json_response({"text": "", "output_ids": [], "meta_info": meta})
