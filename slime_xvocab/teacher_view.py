@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -60,6 +62,8 @@ KNOWN_END_MARKERS = (
 )
 
 _SENTINEL = "XVOCABSENTINELQ7"
+#: Distinct prompts whose teacher rendering and ids a builder keeps (least recently used dropped first).
+PROMPT_CACHE_SIZE = 4096
 END_OF_TURN_UNSCORED = "unscored"  # end_of_turn value: do not score the student's end of turn
 
 
@@ -408,6 +412,8 @@ class TeacherViewBuilder:
         self.max_teacher_tokens = max_teacher_tokens
         self.completion_template = completion_template
         self.probe_next = bool(probe_next)
+        self._prompt_cache: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
+        self._prompt_lock = threading.Lock()
         self._teacher_lock = tokenizer_lock(teacher_tokenizer)
         self.student_table = token_bytes(student_tokenizer)
         self.teacher_table = token_bytes(teacher_tokenizer)
@@ -516,6 +522,28 @@ class TeacherViewBuilder:
             ids = self._completion_prefix + ids
         return ids
 
+    def _prompt(self, messages, tools, sample_id) -> tuple[str, list[int]]:
+        """The teacher prompt's text and ids, cached per distinct (messages, tools): a GRPO group's samples
+        share one prompt, and rendering plus encoding it costs more than aligning a short response."""
+        try:
+            key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):  # not JSON-able: render every time
+            key = None
+        if key is not None:
+            with self._prompt_lock:
+                hit = self._prompt_cache.get(key)
+                if hit is not None:
+                    self._prompt_cache.move_to_end(key)
+                    return hit
+        text = self.teacher_prompt_text(messages, tools=tools, sample_id=sample_id)
+        entry = (text, self._encode_prompt(text))
+        if key is not None:
+            with self._prompt_lock:
+                self._prompt_cache[key] = entry
+                if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                    self._prompt_cache.popitem(last=False)
+        return entry
+
     # -- the view ------------------------------------------------------------------------------------
 
     def build(
@@ -549,8 +577,7 @@ class TeacherViewBuilder:
                 f"{_where(sample_id)}response token ids {bad} are outside the student vocabulary "
                 f"({self.student_table.vocab_size}); is student_tokenizer the policy's tokenizer?"
             )
-        prompt_text = self.teacher_prompt_text(messages, tools=tools, sample_id=sample_id)
-        prompt_ids = self._encode_prompt(prompt_text)
+        prompt_text, prompt_ids = self._prompt(messages, tools, sample_id)
         limit = self.max_teacher_tokens
         if limit is not None and len(prompt_ids) >= limit:
             raise SampleError(
