@@ -435,6 +435,15 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
         problems.append(f"xvocab_inner_rm_path={path!r} must be a dotted path `package.module.function`")
     if path and path.startswith("slime_xvocab.hooks."):
         problems.append("xvocab_inner_rm_path points at slime_xvocab's own reward hook (infinite recursion)")
+    rm_url = getattr(args, "rm_url", None)
+    if values.get("inner_rm_type") == "remote_rm" and rm_url:
+        rm_urls = {u.strip() for u in (rm_url.split(",") if isinstance(rm_url, str) else rm_url)}
+        if rm_urls & set(values.get("teacher_urls", ())):
+            problems.append(
+                f"xvocab_inner_rm_type is remote_rm, which posts rewards to --rm-url, but --rm-url "
+                f"({rm_url}) is also the teacher URL (xvocab_teacher_urls defaults to --rm-url): set "
+                "xvocab_teacher_urls to the teacher server and keep --rm-url for the reward server"
+            )
     if getattr(args, "use_opd", None) is False:
         problems.append(
             "slime's --use-opd is not set, so teacher_log_probs would be computed and then ignored. Add "

@@ -65,6 +65,8 @@ __all__ = [
     "mark_evaluation",
     "log_rollout_data",
     "normalize_group_rewards",
+    "eval_rm_type",
+    "slime_logging",
     "get_config",
     "teacher_view_builder",
     "reset",
@@ -156,11 +158,13 @@ def teacher_view_builder(args: Any) -> Any:
 
 
 def reset(args: Any = None) -> None:
-    """Forget cached configs/runtimes (of ``args``, or all): for tests and notebooks."""
+    """Forget cached configs/runtimes (of ``args``, or all, then also slime's logger lookup): for tests and
+    notebooks."""
     with _LOCK:
         if args is None:
             _CONFIGS.clear()
             _RUNTIMES.clear()
+            _SLIME_LOGGING.clear()
         else:
             _CONFIGS.pop(id(args), None)
             _RUNTIMES.pop(id(args), None)
@@ -526,14 +530,17 @@ async def _inner_reward(
 ) -> Any:
     """The task reward: user function, slime's rule-based reward, or 0.0 (pure distillation).
 
-    Evaluation samples without an inner reward fall back to slime's own ``--rm-type`` (if set), so an OPD
-    run still reports a task score on its eval sets.
+    Evaluation samples score like stock slime's ``async_rm`` (this hook being ``--custom-rm-path``): the
+    eval dataset's own ``rm_type`` (``sample.metadata["rm_type"]``, set by slime's ``eval_config``) first,
+    then ``xvocab_inner_rm_type``, then ``--rm-type``; ``xvocab_inner_rm_path`` replaces all of them, as a
+    custom reward function does in slime.
     """
     if config.inner_rm_path:
         result = _load_function(config.inner_rm_path)(args, sample, **kwargs)
         return await result if inspect.isawaitable(result) else result
-    rm_type = config.inner_rm_type or (getattr(args, "rm_type", None) if evaluation else None)
+    rm_type = eval_rm_type(args, sample, config) if evaluation else config.inner_rm_type
     if rm_type:
+        _check_remote_rm(args, rm_type, config)
         try:
             from slime.rollout.rm_hub import async_rm
         except ImportError as exc:
@@ -542,7 +549,7 @@ async def _inner_reward(
                 f"(not importable here: {exc}); run inside slime's environment or use "
                 "xvocab_inner_rm_path"
             ) from exc
-        inner_args = runtime.inner_args if runtime is not None and config.inner_rm_type else None
+        inner_args = runtime.inner_args if runtime is not None and rm_type == config.inner_rm_type else None
         if inner_args is None:
             inner_args = copy.copy(args)
             inner_args.custom_rm_path, inner_args.rm_type = None, rm_type
@@ -551,6 +558,32 @@ async def _inner_reward(
         proxy.custom_rm_path = None
         return await async_rm(inner_args, proxy)
     return 0.0
+
+
+def eval_rm_type(args: Any, sample: Any, config: XVocabConfig) -> str | None:
+    """The rule-based reward type of an evaluation sample, resolved as stock slime's ``async_rm`` does.
+
+    The eval dataset's ``rm_type`` (slime's ``eval_config`` writes it to ``sample.metadata["rm_type"]``)
+    wins, then ``xvocab_inner_rm_type``, then slime's ``--rm-type``. None: no rule-based reward (0.0).
+    """
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    for value in (md.get("rm_type"), config.inner_rm_type, getattr(args, "rm_type", None)):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _check_remote_rm(args: Any, rm_type: str, config: XVocabConfig) -> None:
+    """``remote_rm`` posts to ``--rm-url``; refuse when that is the teacher (it would crash after retries)."""
+    if rm_type != "remote_rm":
+        return
+    rm_url = getattr(args, "rm_url", None)
+    if rm_url and any(u.strip() in config.teacher_urls for u in str(rm_url).split(",")):
+        raise ConfigError(
+            f"rm_type 'remote_rm' posts rewards to --rm-url ({rm_url}), which is the teacher server here "
+            "(xvocab_teacher_urls defaults to --rm-url). Set xvocab_teacher_urls to the teacher and --rm-url "
+            "to the reward server."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- eval hook
@@ -715,33 +748,65 @@ def _rollout_id(samples: Sequence[Any]) -> int | None:
         return None
 
 
-def _rollout_step(args: Any, rollout_id: int) -> int:
-    try:
-        from slime.observability.metric_utils import compute_rollout_step
+#: Where slime keeps ``log`` and ``compute_rollout_step``: ``slime.observability`` on main since slime #2298,
+#: ``slime.utils`` in v0.3.1 and earlier.
+SLIME_LOGGING_MODULES = (
+    ("slime.observability.logging_utils", "slime.observability.metric_utils"),
+    ("slime.utils.logging_utils", "slime.utils.metric_utils"),
+)
+_SLIME_LOGGING: list = []  # [(log, compute_rollout_step)] or [None] once resolved
 
-        return compute_rollout_step(args, rollout_id)
-    except Exception:  # slime not importable: the same formula
-        if getattr(args, "wandb_always_use_train_step", False):
-            return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
-        return rollout_id
+
+def slime_logging() -> tuple[Any, Any] | None:
+    """slime's ``(log, compute_rollout_step)`` from whichever layout this slime has, or None (warned once).
+
+    Tried in :data:`SLIME_LOGGING_MODULES` order; the first pair that imports wins and is kept for the process.
+    """
+    if not _SLIME_LOGGING:
+        errors = []
+        for log_module, step_module in SLIME_LOGGING_MODULES:
+            try:
+                log = importlib.import_module(log_module).log
+                step = importlib.import_module(step_module).compute_rollout_step
+            except Exception as exc:  # ImportError, or wandb/tensorboard failing inside slime's module
+                errors.append(f"{log_module}: {type(exc).__name__}: {exc}")
+                continue
+            _SLIME_LOGGING.append((log, step))
+            break
+        else:
+            _SLIME_LOGGING.append(None)
+            logger.warning(
+                "slime-xvocab: rollout/xvocab/* metrics go to the python log only: slime's logger is not "
+                "importable (%s)",
+                "; ".join(errors),
+            )
+    return _SLIME_LOGGING[0]
+
+
+def _rollout_step(args: Any, rollout_id: int) -> int:
+    found = slime_logging()
+    if found is not None:
+        return found[1](args, rollout_id)
+    if getattr(args, "wandb_always_use_train_step", False):  # slime not importable: the same formula
+        return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+    return rollout_id
 
 
 def _log_metrics(
     args: Any, rollout_id: int | None, metrics: dict[str, float], *, what: str
 ) -> dict[str, Any]:
     """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard);
-    python logging only when slime is not importable or the step is unknown."""
+    python logging only when slime's logger is not importable (warned once) or the step is unknown."""
     data: dict[str, Any] = {f"rollout/xvocab/{k}": v for k, v in metrics.items()}
     if rollout_id is not None:
         data["rollout/step"] = _rollout_step(args, rollout_id)
     logger.info("slime-xvocab %s, rollout %s: %s", what, rollout_id, data)
     if rollout_id is None or not hasattr(args, "use_wandb"):
         return data
-    try:
-        from slime.observability import logging_utils
-    except Exception:  # slime (or wandb) missing: the log line above is all there is
+    found = slime_logging()
+    if found is None:
         return data
-    logging_utils.log(args, data, step_key="rollout/step")
+    found[0](args, data, step_key="rollout/step")
     return data
 
 
