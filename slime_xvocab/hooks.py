@@ -19,7 +19,7 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   values). Tokenisation and alignment run in a worker thread (``asyncio.to_thread``), so generation never
   stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
   distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
-* ``post_process_rewards(args, samples, **kwargs) -> (raw_rewards, rewards)``: once per rollout, on the
+* ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
   flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
   ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
 * ``mark_evaluation(args, sample, *, rollout_id=None, evaluation=False) -> None``: a sample hook, the only
@@ -661,7 +661,7 @@ def normalize_group_rewards(args: Any, raw_rewards: Sequence[float]) -> list[flo
     return r.flatten().tolist()
 
 
-def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[float], list[float]]:
+def post_process_rewards(args: Any, samples: list) -> tuple[list[float], list[float]]:
     """slime ``--custom-reward-post-process-path`` hook: check/fill ``teacher_log_probs``, normalise rewards.
 
     Every sample leaves with ``teacher_log_probs`` of length ``response_length`` (slime tensorises the key

@@ -202,6 +202,7 @@ def test_hooks_load_by_dotted_path_with_slimes_parameter_names(flag):
             assert params[kw].kind == params[kw].KEYWORD_ONLY
     if flag == "custom_reward_post_process_path":
         assert not inspect.iscoroutinefunction(fn), "slime calls the post-process synchronously"
+        assert tuple(params) == SIGNATURES[flag], "slime's contract test compares the whole parameter list"
 
 
 def test_public_names_of_hooks_module():
