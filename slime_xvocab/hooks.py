@@ -96,6 +96,7 @@ class _Runtime:
     client: Any  # teacher_client.TeacherClient
     inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
     failures_logged: int = 0
+    temperature_checked: bool = False
 
 
 _LOCK = threading.Lock()
@@ -241,6 +242,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
         top_logprobs=PREFIX_TOP_K if config.chunk_split == "prefix" and config.credit_mode == "chunk" else 0,
+        temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
     )
     inner_args = None
     if config.inner_rm_type:
@@ -435,6 +437,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
             scores = await runtime.client.score(view.input_ids, view.response_start)
+            _check_temperature(runtime, scores)
             teacher, top = scores.log_probs, scores.top_log_probs
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
@@ -481,6 +484,25 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
     if config.unscored == "mask":
         _mask_unscored(sample, scored)
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
+
+
+def _check_temperature(runtime: _Runtime, scores: Any) -> None:
+    """On the first answer: warn once when the teacher did not apply the requested input-logprob temperature.
+
+    A server without sglang#36213 (or a router that drops the field) ignores ``input_logprob_temperature`` and
+    answers at T = 1; training goes on with those values.
+    """
+    if runtime.temperature_checked:
+        return
+    runtime.temperature_checked = True
+    requested, applied = runtime.client.temperature, getattr(scores, "temperature", 1.0)
+    if abs(applied - requested) > 1e-6 * requested:
+        logger.warning(
+            "slime-xvocab: asked the teacher at %s for log-probs at temperature %g (input_logprob_temperature) "
+            "but it applied %g: it predates sglang#36213 or a router dropped the field. Teacher log-probs stay "
+            "at temperature %g; upgrade the teacher's SGLang or run --rollout-temperature 1.",
+            scores.url, requested, applied, applied,
+        )
 
 
 def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
