@@ -567,6 +567,8 @@ def _format_default(entry: Mapping[str, Any]) -> str:
         return "`--hf-checkpoint`"
     if entry["name"] == "teacher_urls":
         return "`--rm-url`"
+    if entry["name"] == "teacher_temperature":
+        return "`--rollout-temperature`"
     if default is None or default == ():
         return "—"
     if isinstance(default, dict):
