@@ -190,10 +190,12 @@ class XVocabConfig:
     unscored: str = _opt(
         "keep",
         "What happens to response tokens without a teacher value (unaligned, not 1:1 in exact mode, or a "
-        "sample that fell back): `keep` trains them with OPD delta 0; `mask` also sets their `loss_mask` to 0. "
-        "With slime's `--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean "
-        "reverse KL / std, pushing those tokens up); `mask` keeps them out of the loss and of the whitening "
-        "statistics, at the price of any task-reward gradient there.",
+        "sample that fell back): `keep` gives them the student's rollout log-prob, an OPD delta of exactly 0 with "
+        "slime's `--use-rollout-logprobs` (by default slime recomputes the student's log-probs in Megatron, and "
+        "the delta there is the train/inference mismatch); `mask` also sets their `loss_mask` to 0. With slime's "
+        "`--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean reverse KL / std, "
+        "pushing those tokens up); `mask` keeps them out of the loss and of the whitening statistics, at the "
+        "price of any task-reward gradient there. Measured in docs/how-it-fits.md.",
         "choice",
         choices=UNSCORED_POLICIES,
     )

@@ -28,8 +28,11 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   ``rollout/xvocab/*`` through slime's logger and returns False, so slime's default logging still runs.
 
 Positions that get no teacher signal keep the student's rollout log-prob exactly, so their OPD delta
-``student_lp - teacher_lp`` is zero. When student and teacher share a tokenizer, the request is slime's
-own (``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
+``student_lp - teacher_lp`` is zero when slime's advantage uses the rollout log-probs
+(``--use-rollout-logprobs``); by default slime uses Megatron's recomputed log-probs and the delta there is
+the train/inference mismatch (``xvocab_unscored: mask`` takes those positions out of the loss; see
+docs/how-it-fits.md). When student and teacher share a tokenizer, the request is slime's own
+(``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
 
 What a sample carries afterwards (plain Python values, so samples pickle across Ray actors)::
 

@@ -623,12 +623,15 @@ def test_eval_sample_honours_its_datasets_rm_type_before_the_run_wide_ones(dead_
     args = xargs(dead_url, rm_type="deepscaler")
     assert asyncio.run(reward(args, eval_sample({}))) == 0.25  # --rm-type
     assert asyncio.run(reward(args, eval_sample({"rm_type": " math "}))) == 1
-    assert [c["rm_type"] for c in fake_rm_hub] == ["math", "f1", "deepscaler", "math"]
+    assert [c["rm_type"] for c in fake_rm_hub[:4]] == ["math", "f1", "deepscaler", "math"]
     assert all(c["args_rm_type"] == c["rm_type"] for c in fake_rm_hub)
     assert all(c["args_custom_rm_path"] is None and c["sample_custom_rm_path"] is None for c in fake_rm_hub)
+    no_lps = eval_sample({"rm_type": "math"})
+    no_lps.rollout_log_probs = None  # a custom generate that records none: eval never needs them
+    assert asyncio.run(reward(args, no_lps)) == 1
     hooks.reset()
     assert asyncio.run(reward(xargs(dead_url), eval_sample({}))) == 0.0  # no reward type anywhere
-    assert len(fake_rm_hub) == 4
+    assert len(fake_rm_hub) == 5
     assert hooks._cached(hooks._RUNTIMES, args) is None, "eval samples never load tokenizers or reach the teacher"
 
 
