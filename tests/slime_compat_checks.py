@@ -132,6 +132,7 @@ def check_logging() -> dict:
 def check_eval_reward() -> dict:
     """An eval sample whose dataset sets ``rm_type``: stock ``async_rm`` vs the plugin's reward hook."""
     from slime.rollout.rm_hub import async_rm
+    from slime.rollout.sample_hooks import apply_rollout_sample_hooks
     from slime.utils.eval_config import EvalDatasetConfig
     from slime.utils.types import Sample
 
@@ -155,12 +156,44 @@ def check_eval_reward() -> dict:
             "xvocab_teacher_tokenizer": "teacher-tokenizer-not-loaded-for-eval",
             "xvocab_teacher_urls": "http://127.0.0.1:9",
         })
-        # slime's default path: async_rm -> the plugin (as --custom-rm-path), told by mark_evaluation it is eval.
-        marked = sample()
-        hooks.mark_evaluation(plugin_args, marked, rollout_id=0, evaluation=True)
-        via_slime = asyncio.run(async_rm(plugin_args, marked))
+        plugin_args.rollout_sample_hook_path = ["slime_xvocab.hooks.mark_evaluation"]
+
+        async def generate_and_rm(sample: Any, args: Any = plugin_args) -> Any:
+            # slime's generate_and_rm after generation: its sample hooks (told evaluation=True), then async_rm,
+            # which calls the plugin as --custom-rm-path.
+            sample = await apply_rollout_sample_hooks(args, sample, evaluation=True)
+            return await async_rm(args, sample)
+
+        via_slime = asyncio.run(generate_and_rm(sample()))
         out[rm_type] = {"stock": stock, "plugin": via_slime, "metadata_rm_type": metadata.get("rm_type")}
         hooks.reset()
+    return out
+
+
+HOOK_PATHS = {
+    "custom_rm_path": "slime_xvocab.hooks.reward_func",
+    "custom_reward_post_process_path": "slime_xvocab.hooks.post_process_rewards",
+    "custom_rollout_log_function_path": "slime_xvocab.hooks.log_rollout_data",
+    "rollout_sample_hook_path": "slime_xvocab.hooks.mark_evaluation",
+    "data_source_path": "slime_xvocab.data_source.MessagesDataSource",
+}
+
+
+def check_hook_loading() -> dict:
+    """Every hook path resolved by slime's own ``load_function``: parameter names and kinds."""
+    import inspect
+
+    stub_ray()
+    from slime.utils.misc import load_function
+
+    out = {}
+    for flag, path in HOOK_PATHS.items():
+        fn = load_function(path)
+        target = fn.__init__ if inspect.isclass(fn) else fn
+        out[flag] = {
+            "params": [[p.name, p.kind.name] for p in inspect.signature(target).parameters.values()],
+            "coroutine": inspect.iscoroutinefunction(fn),
+        }
     return out
 
 
@@ -241,6 +274,7 @@ def check_advantages() -> dict:
 
 
 CHECKS = {
+    "hook_loading": check_hook_loading,
     "sample_fields": check_sample_fields,
     "logging": check_logging,
     "eval_reward": check_eval_reward,

@@ -6,10 +6,12 @@ Point ``SLIME_XVOCAB_SLIME_CHECKOUTS`` at one or more slime source checkouts, se
 versions cannot share one process), or slime's own ``tests/plugin_contracts`` files pointed at the plugin's
 hook paths. Covered per checkout:
 
+* hook loading: every hook path resolved by slime's ``load_function``, with the parameters slime calls;
 * ``Sample``: the demo stand-in has slime's exact field list (names, order, defaults);
 * metrics: ``log_rollout_data`` reaches slime's logger (``slime.observability`` on main, ``slime.utils`` on
   v0.3.1 and earlier) with slime's ``rollout/step``;
-* eval reward: an eval sample whose dataset sets ``rm_type`` scores what stock ``async_rm`` scores;
+* eval reward: an eval sample whose dataset sets ``rm_type`` (slime's ``EvalDatasetConfig``), run through slime's
+  sample hooks and ``async_rm`` with the plugin as ``--custom-rm-path``, scores what stock ``async_rm`` scores;
 * data source: built by slime's path loader on slime's minimal contract args;
 * the zero-delta promise, measured with slime's ``compute_advantages_and_returns`` (docs/how-it-fits.md);
 * slime's ``tests/plugin_contracts`` with the plugin's paths: path loading with ``--data-source-path``, runtime
@@ -69,6 +71,25 @@ def run_check(checkout: Path, name: str) -> dict:
 
 def layout(checkout: Path) -> str:
     return "observability" if (checkout / "slime" / "observability").is_dir() else "utils"
+
+
+@pytest.mark.parametrize("checkout", PARAMS)
+def test_hooks_load_through_slimes_path_loader_with_slimes_parameters(checkout):
+    got = run_check(checkout, "hook_loading")
+
+    def names(flag: str, kinds: tuple = ("POSITIONAL_OR_KEYWORD",)) -> tuple:
+        return tuple(name for name, kind in got[flag]["params"] if kind in kinds)
+
+    assert names("custom_rm_path") == ("args", "sample") and got["custom_rm_path"]["coroutine"]
+    assert ("kwargs", "VAR_KEYWORD") in map(tuple, got["custom_rm_path"]["params"])  # async_rm passes **kwargs
+    assert names("custom_reward_post_process_path") == ("args", "samples")
+    assert len(got["custom_reward_post_process_path"]["params"]) == 2  # slime's contract compares all of them
+    assert names("custom_rollout_log_function_path") == (
+        "rollout_id", "args", "samples", "rollout_extra_metrics", "rollout_time"
+    )
+    assert names("rollout_sample_hook_path") == ("args", "sample")
+    assert names("rollout_sample_hook_path", ("KEYWORD_ONLY",)) == ("rollout_id", "evaluation")
+    assert names("data_source_path") == ("self", "args")
 
 
 @pytest.mark.parametrize("checkout", PARAMS)
