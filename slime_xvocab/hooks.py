@@ -808,11 +808,10 @@ def slime_logging() -> tuple[Any, Any] | None:
     return _SLIME_LOGGING[0]
 
 
-def _rollout_step(args: Any, rollout_id: int) -> int:
-    found = slime_logging()
+def _rollout_step(args: Any, rollout_id: int, found: tuple[Any, Any] | None) -> int:
     if found is not None:
         return found[1](args, rollout_id)
-    if getattr(args, "wandb_always_use_train_step", False):  # slime not importable: the same formula
+    if getattr(args, "wandb_always_use_train_step", False):  # slime's formula, when slime is not importable
         return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
     return rollout_id
 
@@ -820,18 +819,18 @@ def _rollout_step(args: Any, rollout_id: int) -> int:
 def _log_metrics(
     args: Any, rollout_id: int | None, metrics: dict[str, float], *, what: str
 ) -> dict[str, Any]:
-    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard);
-    python logging only when slime's logger is not importable (warned once) or the step is unknown."""
+    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard).
+
+    Only python logging when the step is unknown, when ``args`` is not slime's (no ``use_wandb``), or when
+    slime's logger is not importable (warned once by :func:`slime_logging`).
+    """
     data: dict[str, Any] = {f"rollout/xvocab/{k}": v for k, v in metrics.items()}
+    found = slime_logging() if hasattr(args, "use_wandb") else None
     if rollout_id is not None:
-        data["rollout/step"] = _rollout_step(args, rollout_id)
+        data["rollout/step"] = _rollout_step(args, rollout_id, found)
     logger.info("slime-xvocab %s, rollout %s: %s", what, rollout_id, data)
-    if rollout_id is None or not hasattr(args, "use_wandb"):
-        return data
-    found = slime_logging()
-    if found is None:
-        return data
-    found[0](args, data, step_key="rollout/step")
+    if rollout_id is not None and found is not None:
+        found[0](args, data, step_key="rollout/step")
     return data
 
 
