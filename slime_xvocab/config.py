@@ -66,7 +66,7 @@ class XVocabConfig:
     """The plugin's settings. Build it with :meth:`from_args`; field ``name`` is ``args.xvocab_<name>``.
 
     ``kind`` in each field's metadata is one of ``str``, ``opt_str``, ``urls``, ``choice``, ``dict``,
-    ``int``, ``opt_int``, ``float``, ``bool``.
+    ``int``, ``opt_int``, ``float``, ``opt_float``, ``bool``.
     """
 
     teacher_tokenizer: str | None = _opt(
@@ -199,10 +199,12 @@ class XVocabConfig:
     unscored: str = _opt(
         "keep",
         "What happens to response tokens without a teacher value (unaligned, not 1:1 in exact mode, or a "
-        "sample that fell back): `keep` trains them with OPD delta 0; `mask` also sets their `loss_mask` to 0. "
-        "With slime's `--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean "
-        "reverse KL / std, pushing those tokens up); `mask` keeps them out of the loss and of the whitening "
-        "statistics, at the price of any task-reward gradient there.",
+        "sample that fell back): `keep` gives them the student's rollout log-prob, an OPD delta of exactly 0 with "
+        "slime's `--use-rollout-logprobs` (by default slime recomputes the student's log-probs in Megatron, and "
+        "the delta there is the train/inference mismatch); `mask` also sets their `loss_mask` to 0. With slime's "
+        "`--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean reverse KL / std, "
+        "pushing those tokens up); `mask` keeps them out of the loss and of the whitening statistics, at the "
+        "price of any task-reward gradient there. Measured in docs/how-it-fits.md.",
         "choice",
         choices=UNSCORED_POLICIES,
     )
@@ -225,6 +227,16 @@ class XVocabConfig:
         "Like inner_rm_type, with your own reward function by dotted path "
         "(`async def rm(args, sample, **kwargs)`, slime's --custom-rm-path contract).",
         "opt_str",
+    )
+    teacher_temperature: float | None = _opt(
+        None,
+        "Temperature T of the teacher's log-probs, log softmax(z / T), sent as SGLang's "
+        "`input_logprob_temperature` (sglang#36213, slime#2325) when T != 1. Default: slime's "
+        "`--rollout-temperature`, so OPD compares student and teacher at the same temperature. A server "
+        "without that option ignores it and answers at T = 1; the plugin reads the temperature the server "
+        "echoes in its first answer and warns once when it differs (training goes on at T = 1).",
+        "opt_float",
+        minimum=1e-6,
     )
     trust_remote_code: bool = _opt(
         True, "Passed to `AutoTokenizer.from_pretrained` for both tokenizers (slime loads with True).", "bool"
@@ -286,6 +298,9 @@ class XVocabConfig:
 
         if "teacher_urls" not in raw and getattr(args, "rm_url", None):
             values["teacher_urls"] = _coerce(args.rm_url, _FIELDS["teacher_urls"].metadata)
+        rollout_t = getattr(args, "rollout_temperature", None)
+        if "teacher_temperature" not in values and isinstance(rollout_t, (int, float)) and rollout_t > 0:
+            values["teacher_temperature"] = float(rollout_t)  # as slime's own OPD (#2085, #2325)
         if "student_tokenizer" not in raw and getattr(args, "hf_checkpoint", None):
             values["student_tokenizer"] = str(args.hf_checkpoint)
         problems += _check_required(values)
@@ -336,7 +351,7 @@ def _did_you_mean(key: str, options: list[str]) -> str:
 def _parse_env(text: str, kind: str) -> Any:
     """Turn an environment string into the value a YAML file would have given."""
     text = text.strip()
-    if kind in ("opt_str", "opt_int") and text.lower() in ("", "none", "null"):
+    if kind in ("opt_str", "opt_int", "opt_float") and text.lower() in ("", "none", "null"):
         return None
     if kind == "urls":
         return [u.strip() for u in text.split(",") if u.strip()]
@@ -352,7 +367,7 @@ def _parse_env(text: str, kind: str) -> Any:
             return int(text)
         except ValueError:
             raise ValueError("must be an integer") from None
-    if kind == "float":
+    if kind in ("float", "opt_float"):
         try:
             return float(text)
         except ValueError:
@@ -407,7 +422,7 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
     if kind in ("int", "opt_int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer, got {type(value).__name__}")
-    elif kind == "float":
+    elif kind in ("float", "opt_float"):
         if isinstance(value, str):  # YAML reads 1e-3 without a dot as a string
             try:
                 value = float(value)
@@ -449,6 +464,15 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
         problems.append(f"xvocab_inner_rm_path={path!r} must be a dotted path `package.module.function`")
     if path and path.startswith("slime_xvocab.hooks."):
         problems.append("xvocab_inner_rm_path points at slime_xvocab's own reward hook (infinite recursion)")
+    rm_url = getattr(args, "rm_url", None)
+    if values.get("inner_rm_type") == "remote_rm" and rm_url:
+        rm_urls = {u.strip() for u in (rm_url.split(",") if isinstance(rm_url, str) else rm_url)}
+        if rm_urls & set(values.get("teacher_urls", ())):
+            problems.append(
+                f"xvocab_inner_rm_type is remote_rm, which posts rewards to --rm-url, but --rm-url "
+                f"({rm_url}) is also the teacher URL (xvocab_teacher_urls defaults to --rm-url): set "
+                "xvocab_teacher_urls to the teacher server and keep --rm-url for the reward server"
+            )
     if getattr(args, "use_opd", None) is False:
         problems.append(
             "slime's --use-opd is not set, so teacher_log_probs would be computed and then ignored. Add "
@@ -466,11 +490,37 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
 def _warnings(config: XVocabConfig, args: Any) -> list[str]:
     out = []
     temperature = getattr(args, "rollout_temperature", None)
-    if temperature is not None and float(temperature) != 1.0:
+    teacher_t = 1.0 if config.teacher_temperature is None else config.teacher_temperature
+    if temperature is not None and float(temperature) != teacher_t:
         out.append(
-            f"--rollout-temperature is {temperature}, but SGLang returns teacher input log-probs at "
-            "temperature 1 while slime divides the student's logits by the rollout temperature, so the OPD "
-            "delta compares different temperatures. Use --rollout-temperature 1."
+            f"xvocab_teacher_temperature is {teacher_t} but --rollout-temperature is {temperature}: slime "
+            "divides the student's logits by the rollout temperature, so the OPD delta compares different "
+            "temperatures. Leave xvocab_teacher_temperature unset (it follows --rollout-temperature)."
+        )
+    if teacher_t != 1.0:
+        out.append(
+            f"teacher log-probs at temperature {teacher_t} need an SGLang teacher with input_logprob_temperature "
+            "(sglang#36213); a server without it answers at temperature 1 (the plugin warns on its first answer). "
+            "--rollout-temperature 1 avoids the question."
+        )
+    top_p = getattr(args, "rollout_top_p", None)
+    if top_p is not None and float(top_p) < 1.0:
+        out.append(
+            f"--rollout-top-p is {top_p}: slime renormalises the student's log-probs over the sampled nucleus, "
+            "while the teacher's are scored over its full vocabulary, so the OPD delta carries the student's "
+            "log(nucleus mass) on every token. Use --rollout-top-p 1 for distillation."
+        )
+    if config.unscored == "keep" and getattr(args, "use_rollout_logprobs", None) is False:
+        out.append(
+            "xvocab_unscored is keep without --use-rollout-logprobs: positions without a teacher value get the "
+            "student's SGLang rollout log-prob, but slime's OPD delta uses Megatron's recomputed log-prob, so "
+            "their delta is the train/inference mismatch, not 0. Add --use-rollout-logprobs (delta exactly 0) "
+            "or set xvocab_unscored: mask (docs/how-it-fits.md)."
+        )
+    if config.unscored == "keep" and getattr(args, "normalize_advantages", False):
+        out.append(
+            "xvocab_unscored is keep with --normalize-advantages: whitening moves the zero OPD delta of positions "
+            "without a teacher value by the batch mean; set xvocab_unscored: mask to keep them out of the loss."
         )
     post = getattr(args, "custom_reward_post_process_path", None)
     if hasattr(args, "custom_reward_post_process_path") and post != "slime_xvocab.hooks.post_process_rewards":
@@ -522,6 +572,7 @@ _KIND_NAMES = {
     "int": "integer",
     "opt_int": "integer",
     "float": "number",
+    "opt_float": "number",
     "bool": "boolean",
 }
 
@@ -532,6 +583,8 @@ def _format_default(entry: Mapping[str, Any]) -> str:
         return "`--hf-checkpoint`"
     if entry["name"] == "teacher_urls":
         return "`--rm-url`"
+    if entry["name"] == "teacher_temperature":
+        return "`--rollout-temperature`"
     if default is None or default == ():
         return "—"
     if isinstance(default, dict):

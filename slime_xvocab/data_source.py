@@ -160,11 +160,14 @@ class MessagesDataSourceMixin:
     """
 
     def __init__(self, args) -> None:
+        # getattr: slime's own contract tests build the class on an args object with only a few attributes
+        # (no dataset flags); slime's base class then loads no dataset, and neither does this one.
+        apply_template = bool(getattr(args, "apply_chat_template", False))
         inner = copy.copy(args)
         inner.apply_chat_template = False  # keep the message list; rendered below, after it is copied
         inner.rollout_max_prompt_len = None  # slime filters after rendering; so do we
         inner.rollout_shuffle = False  # shuffle once the final sample list exists
-        if args.apply_chat_template and getattr(args, "multimodal_keys", None) is None:
+        if apply_template and getattr(args, "multimodal_keys", None) is None:
             # slime's loader turns a string prompt into a user message whenever multimodal_keys is not
             # None; an empty dict does that without any multimodal processing (keep_messages wraps too).
             inner.multimodal_keys = {}
@@ -181,7 +184,7 @@ class MessagesDataSourceMixin:
         samples = keep_messages(
             dataset.origin_samples,
             key=key,
-            tokenizer=tokenizer if args.apply_chat_template else None,
+            tokenizer=tokenizer if apply_template else None,
             chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None),
         )
         if args.rollout_max_prompt_len is not None and samples:

@@ -19,7 +19,7 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   values). Tokenisation and alignment run in a worker thread (``asyncio.to_thread``), so generation never
   stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
   distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
-* ``post_process_rewards(args, samples, **kwargs) -> (raw_rewards, rewards)``: once per rollout, on the
+* ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
   flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
   ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
 * ``mark_evaluation(args, sample, *, rollout_id=None, evaluation=False) -> None``: a sample hook, the only
@@ -28,8 +28,11 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   ``rollout/xvocab/*`` through slime's logger and returns False, so slime's default logging still runs.
 
 Positions that get no teacher signal keep the student's rollout log-prob exactly, so their OPD delta
-``student_lp - teacher_lp`` is zero. When student and teacher share a tokenizer, the request is slime's
-own (``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
+``student_lp - teacher_lp`` is zero when slime's advantage uses the rollout log-probs
+(``--use-rollout-logprobs``); by default slime uses Megatron's recomputed log-probs and the delta there is
+the train/inference mismatch (``xvocab_unscored: mask`` takes those positions out of the loss; see
+docs/how-it-fits.md). When student and teacher share a tokenizer, the request is slime's own
+(``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
 
 What a sample carries afterwards (plain Python values, so samples pickle across Ray actors)::
 
@@ -66,6 +69,8 @@ __all__ = [
     "mark_evaluation",
     "log_rollout_data",
     "normalize_group_rewards",
+    "eval_rm_type",
+    "slime_logging",
     "get_config",
     "teacher_view_builder",
     "reset",
@@ -96,6 +101,7 @@ class _Runtime:
     inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
     extensions: Any = None  # credit.StudentExtensions of the student tokenizer (student_token credit)
     failures_logged: int = 0
+    temperature_checked: bool = False
 
 
 _LOCK = threading.Lock()
@@ -158,11 +164,13 @@ def teacher_view_builder(args: Any) -> Any:
 
 
 def reset(args: Any = None) -> None:
-    """Forget cached configs/runtimes (of ``args``, or all): for tests and notebooks."""
+    """Forget cached configs/runtimes (of ``args``, or all, then also slime's logger lookup): for tests and
+    notebooks."""
     with _LOCK:
         if args is None:
             _CONFIGS.clear()
             _RUNTIMES.clear()
+            _SLIME_LOGGING.clear()
         else:
             _CONFIGS.pop(id(args), None)
             _RUNTIMES.pop(id(args), None)
@@ -243,6 +251,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
         top_logprobs=config.top_k if student_token else 0,
+        temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
     )
     inner_args = None
     if config.inner_rm_type:
@@ -437,6 +446,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
             scores = await runtime.client.score(view.input_ids, view.response_start)
+            _check_temperature(runtime, scores)
             teacher, top = scores.log_probs, scores.top_log_probs
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
@@ -494,6 +504,25 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
 
 
+def _check_temperature(runtime: _Runtime, scores: Any) -> None:
+    """On the first answer: warn once when the teacher did not apply the requested input-logprob temperature.
+
+    A server without sglang#36213 (or a router that drops the field) ignores ``input_logprob_temperature`` and
+    answers at T = 1; training goes on with those values.
+    """
+    if runtime.temperature_checked:
+        return
+    runtime.temperature_checked = True
+    requested, applied = runtime.client.temperature, getattr(scores, "temperature", 1.0)
+    if abs(applied - requested) > 1e-6 * requested:
+        logger.warning(
+            "slime-xvocab: asked the teacher at %s for log-probs at temperature %g (input_logprob_temperature) "
+            "but it applied %g: it predates sglang#36213 or a router dropped the field. Teacher log-probs stay "
+            "at temperature %g; upgrade the teacher's SGLang or run --rollout-temperature 1.",
+            scores.url, requested, applied, applied,
+        )
+
+
 def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
     """``xvocab_unscored: mask``: zero ``sample.loss_mask`` where the teacher gave no value (None -> all ones first)."""
     n = int(sample.response_length)
@@ -539,14 +568,17 @@ async def _inner_reward(
 ) -> Any:
     """The task reward: user function, slime's rule-based reward, or 0.0 (pure distillation).
 
-    Evaluation samples without an inner reward fall back to slime's own ``--rm-type`` (if set), so an OPD
-    run still reports a task score on its eval sets.
+    Evaluation samples score like stock slime's ``async_rm`` (this hook being ``--custom-rm-path``): the
+    eval dataset's own ``rm_type`` (``sample.metadata["rm_type"]``, set by slime's ``eval_config``) first,
+    then ``xvocab_inner_rm_type``, then ``--rm-type``; ``xvocab_inner_rm_path`` replaces all of them, as a
+    custom reward function does in slime.
     """
     if config.inner_rm_path:
         result = _load_function(config.inner_rm_path)(args, sample, **kwargs)
         return await result if inspect.isawaitable(result) else result
-    rm_type = config.inner_rm_type or (getattr(args, "rm_type", None) if evaluation else None)
+    rm_type = eval_rm_type(args, sample, config) if evaluation else config.inner_rm_type
     if rm_type:
+        _check_remote_rm(args, rm_type, config)
         try:
             from slime.rollout.rm_hub import async_rm
         except ImportError as exc:
@@ -555,7 +587,7 @@ async def _inner_reward(
                 f"(not importable here: {exc}); run inside slime's environment or use "
                 "xvocab_inner_rm_path"
             ) from exc
-        inner_args = runtime.inner_args if runtime is not None and config.inner_rm_type else None
+        inner_args = runtime.inner_args if runtime is not None and rm_type == config.inner_rm_type else None
         if inner_args is None:
             inner_args = copy.copy(args)
             inner_args.custom_rm_path, inner_args.rm_type = None, rm_type
@@ -564,6 +596,32 @@ async def _inner_reward(
         proxy.custom_rm_path = None
         return await async_rm(inner_args, proxy)
     return 0.0
+
+
+def eval_rm_type(args: Any, sample: Any, config: XVocabConfig) -> str | None:
+    """The rule-based reward type of an evaluation sample, resolved as stock slime's ``async_rm`` does.
+
+    The eval dataset's ``rm_type`` (slime's ``eval_config`` writes it to ``sample.metadata["rm_type"]``)
+    wins, then ``xvocab_inner_rm_type``, then slime's ``--rm-type``. None: no rule-based reward (0.0).
+    """
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    for value in (md.get("rm_type"), config.inner_rm_type, getattr(args, "rm_type", None)):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _check_remote_rm(args: Any, rm_type: str, config: XVocabConfig) -> None:
+    """``remote_rm`` posts to ``--rm-url``; refuse when that is the teacher (it would crash after retries)."""
+    if rm_type != "remote_rm":
+        return
+    rm_url = getattr(args, "rm_url", None)
+    if rm_url and any(u.strip() in config.teacher_urls for u in str(rm_url).split(",")):
+        raise ConfigError(
+            f"rm_type 'remote_rm' posts rewards to --rm-url ({rm_url}), which is the teacher server here "
+            "(xvocab_teacher_urls defaults to --rm-url). Set xvocab_teacher_urls to the teacher and --rm-url "
+            "to the reward server."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- eval hook
@@ -641,7 +699,7 @@ def normalize_group_rewards(args: Any, raw_rewards: Sequence[float]) -> list[flo
     return r.flatten().tolist()
 
 
-def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[float], list[float]]:
+def post_process_rewards(args: Any, samples: list) -> tuple[list[float], list[float]]:
     """slime ``--custom-reward-post-process-path`` hook: check/fill ``teacher_log_probs``, normalise rewards.
 
     Every sample leaves with ``teacher_log_probs`` of length ``response_length`` (slime tensorises the key
@@ -730,33 +788,64 @@ def _rollout_id(samples: Sequence[Any]) -> int | None:
         return None
 
 
-def _rollout_step(args: Any, rollout_id: int) -> int:
-    try:
-        from slime.observability.metric_utils import compute_rollout_step
+#: Where slime keeps ``log`` and ``compute_rollout_step``: ``slime.observability`` on main since slime #2298,
+#: ``slime.utils`` in v0.3.1 and earlier.
+SLIME_LOGGING_MODULES = (
+    ("slime.observability.logging_utils", "slime.observability.metric_utils"),
+    ("slime.utils.logging_utils", "slime.utils.metric_utils"),
+)
+_SLIME_LOGGING: list = []  # [(log, compute_rollout_step)] or [None] once resolved
 
-        return compute_rollout_step(args, rollout_id)
-    except Exception:  # slime not importable: the same formula
-        if getattr(args, "wandb_always_use_train_step", False):
-            return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
-        return rollout_id
+
+def slime_logging() -> tuple[Any, Any] | None:
+    """slime's ``(log, compute_rollout_step)`` from whichever layout this slime has, or None (warned once).
+
+    Tried in :data:`SLIME_LOGGING_MODULES` order; the first pair that imports wins and is kept for the process.
+    """
+    if not _SLIME_LOGGING:
+        errors = []
+        for log_module, step_module in SLIME_LOGGING_MODULES:
+            try:
+                log = importlib.import_module(log_module).log
+                step = importlib.import_module(step_module).compute_rollout_step
+            except Exception as exc:  # ImportError, or wandb/tensorboard failing inside slime's module
+                errors.append(f"{log_module}: {type(exc).__name__}: {exc}")
+                continue
+            _SLIME_LOGGING.append((log, step))
+            break
+        else:
+            _SLIME_LOGGING.append(None)
+            logger.warning(
+                "slime-xvocab: rollout/xvocab/* metrics go to the python log only: slime's logger is not "
+                "importable (%s)",
+                "; ".join(errors),
+            )
+    return _SLIME_LOGGING[0]
+
+
+def _rollout_step(args: Any, rollout_id: int, found: tuple[Any, Any] | None) -> int:
+    if found is not None:
+        return found[1](args, rollout_id)
+    if getattr(args, "wandb_always_use_train_step", False):  # slime's formula, when slime is not importable
+        return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+    return rollout_id
 
 
 def _log_metrics(
     args: Any, rollout_id: int | None, metrics: dict[str, float], *, what: str
 ) -> dict[str, Any]:
-    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard);
-    python logging only when slime is not importable or the step is unknown."""
+    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard).
+
+    Only python logging when the step is unknown, when ``args`` is not slime's (no ``use_wandb``), or when
+    slime's logger is not importable (warned once by :func:`slime_logging`).
+    """
     data: dict[str, Any] = {f"rollout/xvocab/{k}": v for k, v in metrics.items()}
+    found = slime_logging() if hasattr(args, "use_wandb") else None
     if rollout_id is not None:
-        data["rollout/step"] = _rollout_step(args, rollout_id)
+        data["rollout/step"] = _rollout_step(args, rollout_id, found)
     logger.info("slime-xvocab %s, rollout %s: %s", what, rollout_id, data)
-    if rollout_id is None or not hasattr(args, "use_wandb"):
-        return data
-    try:
-        from slime.observability import logging_utils
-    except Exception:  # slime (or wandb) missing: the log line above is all there is
-        return data
-    logging_utils.log(args, data, step_key="rollout/step")
+    if rollout_id is not None and found is not None:
+        found[0](args, data, step_key="rollout/step")
     return data
 
 

@@ -11,11 +11,14 @@ The exact request (one sequence)::
      "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": false},
      "return_logprob": true,
      "logprob_start_len": response_start - 1}          # + "top_logprobs_num": k when top_logprobs > 0
+                                                       # + "input_logprob_temperature": T when T != 1
 
 ``logprob_start_len = response_start - 1`` makes the answer carry exactly one (null) entry plus one entry per
 response token, so the payload grows with the response, not the prompt, and SGLang may reuse the cached
-prompt KV across the samples of a group. Input log-probs are always temperature-1 values (SGLang does not
-apply ``temperature`` to them); run slime with ``--rollout-temperature 1``.
+prompt KV across the samples of a group. Stock SGLang computes input log-probs at temperature 1 whatever
+``sampling_params.temperature`` says; ``temperature=T`` asks a server with sglang#36213 for log softmax(z / T)
+through ``input_logprob_temperature``, and :attr:`TeacherScores.temperature` reports what the server applied
+(1.0 from a server that does not echo the option back).
 
 Every answer is validated before it becomes numbers (a wrong answer raises, it is never silently used):
 
@@ -62,6 +65,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import random
 import threading
 import time
@@ -102,6 +106,8 @@ logger = logging.getLogger(__name__)
 
 #: Largest log-prob accepted as "<= 0": float32 log-softmax of a near-certain token can round above 0.
 LOGPROB_EPS = 1e-4
+#: SGLang's request option (and ``meta_info`` echo) for temperature-scaled input log-probs (sglang#36213).
+TEMPERATURE_KEY = "input_logprob_temperature"
 #: HTTP statuses that are retried (besides every 5xx): request timeout, too many requests.
 RETRY_STATUSES = frozenset({408, 429})
 #: Failure kinds, each counted in ``stats()`` as ``failures_<kind>``.
@@ -143,6 +149,8 @@ class TeacherScores:
         latency_s: wall time of the call, retries and backoff included (seconds).
         attempts: HTTP attempts made (1 = no retry).
         url: the ``/generate`` URL that answered.
+        temperature: the input-logprob temperature the server says it applied (``meta_info``'s
+            ``input_logprob_temperature``; 1.0 when it says nothing, as a server without sglang#36213 does).
     """
 
     log_probs: np.ndarray
@@ -150,6 +158,7 @@ class TeacherScores:
     latency_s: float
     attempts: int
     url: str
+    temperature: float = 1.0
 
 
 def normalize_url(url: str) -> str:
@@ -214,13 +223,18 @@ def parse_error_message(body: bytes | str | Any) -> str:
     return json.dumps(obj)[:500] if not isinstance(obj, str) else obj[:500]
 
 
-def build_request(items: Sequence[tuple[Sequence[int], int]], top_logprobs: int = 0) -> dict[str, Any]:
+def build_request(
+    items: Sequence[tuple[Sequence[int], int]], top_logprobs: int = 0, temperature: float = 1.0
+) -> dict[str, Any]:
     """Build the ``/generate`` body that scores ``items``.
 
     Args:
         items: ``(input_ids, response_start)`` pairs, already validated (ids as Python ints).
-            One item gives a single request; several give SGLang's batch form (list of lists).
+            One item gives a single request; several give SGLang's batch form (list of lists). A batch whose
+            items share one start sends ``logprob_start_len`` as one number: sglang-router's typed request
+            rejects a list (422), so only a batch with different starts needs a worker URL.
         top_logprobs: k > 0 adds ``top_logprobs_num``.
+        temperature: T != 1 adds ``input_logprob_temperature`` (sglang#36213); T = 1 sends the stock body.
 
     Returns:
         The JSON-ready dict.
@@ -230,11 +244,16 @@ def build_request(items: Sequence[tuple[Sequence[int], int]], top_logprobs: int 
         ids, start = items[0]
         body: dict[str, Any] = {"input_ids": ids, "logprob_start_len": start - 1}
     else:
-        body = {"input_ids": [ids for ids, _ in items], "logprob_start_len": [s - 1 for _, s in items]}
+        starts = [s - 1 for _, s in items]
+        body = {"input_ids": [ids for ids, _ in items], "logprob_start_len": starts}
+        if len(set(starts)) == 1:
+            body["logprob_start_len"] = starts[0]
     body["sampling_params"] = params
     body["return_logprob"] = True
     if top_logprobs > 0:
         body["top_logprobs_num"] = top_logprobs
+    if temperature != 1.0:
+        body[TEMPERATURE_KEY] = float(temperature)
     return body
 
 
@@ -307,6 +326,7 @@ class TeacherClient:
         max_concurrency: int = 32,
         max_input_tokens: int | None = None,
         top_logprobs: int = 0,
+        temperature: float = 1.0,
         batch_size: int = 1,
         cooldown_s: float = 5.0,
         retry_bad_responses: bool = False,
@@ -330,6 +350,8 @@ class TeacherClient:
             problems.append(f"batch_size={batch_size} must be >= 1")
         if top_logprobs < 0:
             problems.append(f"top_logprobs={top_logprobs} must be >= 0")
+        if not math.isfinite(temperature) or temperature <= 0:
+            problems.append(f"temperature={temperature} must be a finite number > 0")
         if max_input_tokens is not None and max_input_tokens < 1:
             problems.append(f"max_input_tokens={max_input_tokens} must be >= 1 or None")
         if problems:
@@ -346,6 +368,7 @@ class TeacherClient:
         self.max_concurrency = int(max_concurrency)
         self.max_input_tokens = max_input_tokens
         self.top_logprobs = int(top_logprobs)
+        self.temperature = float(temperature)
         self.batch_size = int(batch_size)
         self.cooldown_s = float(cooldown_s)
         self.retry_bad_responses = retry_bad_responses
@@ -665,7 +688,7 @@ class TeacherClient:
 
     async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
         """Send one request for ``items`` with retries; return validated scores."""
-        body = _dumps(build_request(items, self.top_logprobs))
+        body = _dumps(build_request(items, self.top_logprobs, self.temperature))
         sem, http = self._resources()
         t0 = time.perf_counter()
         tried: set[str] = set()
@@ -705,9 +728,10 @@ class TeacherClient:
             self._counts["sequences"] += len(items)
             return [
                 TeacherScores(
-                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.url
+                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.url,
+                    temperature=applied,
                 )
-                for lp, top in parsed
+                for lp, top, applied in parsed
             ]
         self._counts["errors"] += 1
         assert last is not None
@@ -824,7 +848,7 @@ def _bad(url: str, index: int, n_items: int, what: str) -> _AttemptFailed:
 
 def _parse_answer(
     data: Any, items: list[tuple[list[int], int]], url: str, top_k: int
-) -> list[tuple[np.ndarray, list | None]]:
+) -> list[tuple[np.ndarray, list | None, float]]:
     """Validate a decoded ``/generate`` answer for ``items`` and extract the response log-probs."""
     n = len(items)
     if n == 1:
@@ -863,10 +887,13 @@ def _check_lps(lps: np.ndarray, raw: list, what: str) -> None:
         raise _ItemError(f"{what} {j} is {got}; log-probs must be finite numbers <= 0")
 
 
-def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None]:
+def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None, float]:
     if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
         raise _ItemError(f"expected an object with 'meta_info', got {str(obj)[:120]!r}")
     meta = obj["meta_info"]
+    applied = meta.get(TEMPERATURE_KEY, 1.0)
+    if isinstance(applied, bool) or not isinstance(applied, (int, float)) or not applied > 0:
+        raise _ItemError(f"meta_info.{TEMPERATURE_KEY}={applied!r} is not a positive number")
     L = len(ids)
     start = rs - 1
     pt = meta.get("prompt_tokens")
@@ -918,7 +945,7 @@ def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarr
             t_lps = np.array(t_raw, dtype=np.float64)
             _check_lps(t_lps, t_raw, f"top-k logprob at response offset {j}, rank")
             top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
-    return lps.astype(np.float32), top
+    return lps.astype(np.float32), top, float(applied)
 
 
 # ---------------------------------------------------------------------- sync wrapper

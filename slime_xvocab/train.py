@@ -63,6 +63,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
     "opt_int": int,
     "float": float,
+    "opt_float": float,
     "bool": _bool,
 }
 

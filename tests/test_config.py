@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,45 @@ def test_every_problem_in_one_error():
 def test_opd_type_and_temperature():
     with pytest.raises(ConfigError, match="--opd-type is 'megatron'"):
         build(opd_type="megatron")
-    with pytest.warns(UserWarning, match="--rollout-temperature is 0.7"):
-        build(rollout_temperature=0.7)
+    assert build().teacher_temperature == 1.0  # follows --rollout-temperature (1 in make_args)
+    with pytest.warns(UserWarning, match="need an SGLang teacher with input_logprob_temperature"):
+        assert build(rollout_temperature=0.7).teacher_temperature == 0.7
+    with pytest.warns(UserWarning, match="xvocab_teacher_temperature is 1.0 but --rollout-temperature is 0.7"):
+        build(rollout_temperature=0.7, xvocab_teacher_temperature=1.0)
+    assert build(environ={"XVOCAB_TEACHER_TEMPERATURE": "none"}).teacher_temperature == 1.0
+    with pytest.raises(ConfigError, match="xvocab_teacher_temperature = 0"):
+        build(xvocab_teacher_temperature=0)
+
+
+def warned(**overrides) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(**overrides)
+    return [str(w.message) for w in caught]
+
+
+def test_start_up_warnings_for_slime_settings_that_bias_the_opd_delta():
+    assert warned() == []  # slime's defaults as make_args has them, OPD launch flags included
+    assert any("--rollout-top-p is 0.9" in w for w in warned(rollout_top_p=0.9))
+    assert not any("rollout-top-p" in w for w in warned(rollout_top_p=1.0))
+    keep = warned(use_rollout_logprobs=False)
+    assert any("without --use-rollout-logprobs" in w and "--use-rollout-logprobs" in w for w in keep)
+    assert warned(use_rollout_logprobs=True) == []
+    assert warned(use_rollout_logprobs=False, xvocab_unscored="mask") == []
+    assert any("--normalize-advantages" in w for w in warned(use_rollout_logprobs=True, normalize_advantages=True))
+
+
+def test_remote_rm_on_the_teacher_url_is_rejected():
+    args = {k: v for k, v in BASE.items() if k != "xvocab_teacher_urls"}
+    with pytest.raises(ConfigError, match="remote_rm, which posts rewards to --rm-url") as info:
+        XVocabConfig.from_args(
+            make_args(**args, rm_url="http://10.0.0.7:13141/generate", xvocab_inner_rm_type="remote_rm"), environ={}
+        )
+    assert "xvocab_teacher_urls" in str(info.value)
+    config = XVocabConfig.from_args(  # a separate teacher URL: fine
+        make_args(**BASE, rm_url="http://10.0.0.8:8000/reward", xvocab_inner_rm_type="remote_rm"), environ={}
+    )
+    assert config.inner_rm_type == "remote_rm"
 
 
 def test_config_pickles_and_is_frozen():

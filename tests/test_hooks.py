@@ -202,6 +202,7 @@ def test_hooks_load_by_dotted_path_with_slimes_parameter_names(flag):
             assert params[kw].kind == params[kw].KEYWORD_ONLY
     if flag == "custom_reward_post_process_path":
         assert not inspect.iscoroutinefunction(fn), "slime calls the post-process synchronously"
+        assert tuple(params) == SIGNATURES[flag], "slime's contract test compares the whole parameter list"
 
 
 def test_public_names_of_hooks_module():
@@ -572,3 +573,115 @@ def test_launch_teacher_script_starts_waits_and_stops_only_its_server(teacher_di
         time.sleep(0.1)
     else:
         pytest.fail("the teacher did not stop")
+
+
+# ---------------------------------------------------------------------------------------------- fit to slime today
+
+
+@pytest.fixture
+def fake_rm_hub(monkeypatch):
+    """slime's ``rm_hub.async_rm`` stand-in: resolves the type as stock slime does and records each call."""
+    import sys
+    import types
+
+    calls = []
+
+    async def async_rm(args, sample, **kwargs):
+        md = sample.metadata if isinstance(sample.metadata, dict) else {}
+        rm_type = (md.get("rm_type") or args.rm_type or "").strip()  # stock slime's order
+        calls.append({"rm_type": rm_type, "args_rm_type": args.rm_type, "args_custom_rm_path": args.custom_rm_path,
+                      "sample_custom_rm_path": sample.custom_rm_path})
+        return {"math": 1, "f1": 0.5, "deepscaler": 0.25}[rm_type]
+
+    for name in ("slime", "slime.rollout"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    hub = types.ModuleType("slime.rollout.rm_hub")
+    hub.async_rm = async_rm
+    monkeypatch.setitem(sys.modules, "slime.rollout.rm_hub", hub)
+    return calls
+
+
+def eval_sample(metadata: dict) -> Sample:
+    sample = rollout(Sample, 1)[0]
+    sample.metadata = {**sample.metadata, **metadata}
+    sample.custom_rm_path = None  # slime copies the eval dataset's custom_rm_path: none here
+    hooks.mark_evaluation(None, sample, rollout_id=0, evaluation=True)
+    return sample
+
+
+def test_eval_sample_honours_its_datasets_rm_type_before_the_run_wide_ones(dead_url, fake_rm_hub):
+    """slime's eval_config puts a per-dataset rm_type in sample.metadata; stock async_rm reads it first."""
+    reward = hooks.reward_func
+    args = xargs(dead_url, rm_type="deepscaler", xvocab_inner_rm_type="f1")
+    assert asyncio.run(reward(args, eval_sample({"rm_type": "math"}))) == 1
+    assert asyncio.run(reward(args, eval_sample({}))) == 0.5  # xvocab_inner_rm_type
+    hooks.reset()
+    args = xargs(dead_url, rm_type="deepscaler")
+    assert asyncio.run(reward(args, eval_sample({}))) == 0.25  # --rm-type
+    assert asyncio.run(reward(args, eval_sample({"rm_type": " math "}))) == 1
+    assert [c["rm_type"] for c in fake_rm_hub[:4]] == ["math", "f1", "deepscaler", "math"]
+    assert all(c["args_rm_type"] == c["rm_type"] for c in fake_rm_hub)
+    assert all(c["args_custom_rm_path"] is None and c["sample_custom_rm_path"] is None for c in fake_rm_hub)
+    no_lps = eval_sample({"rm_type": "math"})
+    no_lps.rollout_log_probs = None  # a custom generate that records none: eval never needs them
+    assert asyncio.run(reward(args, no_lps)) == 1
+    hooks.reset()
+    assert asyncio.run(reward(xargs(dead_url), eval_sample({}))) == 0.0  # no reward type anywhere
+    assert len(fake_rm_hub) == 5
+    assert hooks._cached(hooks._RUNTIMES, args) is None, "eval samples never load tokenizers or reach the teacher"
+
+
+def test_remote_rm_on_the_teacher_url_is_refused_for_eval_samples(dead_url, fake_rm_hub):
+    args = xargs(dead_url, xvocab_teacher_urls=None, rm_url=dead_url)  # the teacher URL defaults to --rm-url
+    with pytest.raises(ConfigError, match="remote_rm' posts rewards to --rm-url"):
+        asyncio.run(hooks.reward_func(args, eval_sample({"rm_type": "remote_rm"})))
+    assert fake_rm_hub == []
+
+
+def test_slime_logger_is_found_in_either_layout_and_its_absence_is_warned_once(monkeypatch, caplog):
+    import sys
+    import types
+
+    caplog.set_level(logging.WARNING, logger="slime_xvocab.hooks")
+    for name in ("slime.observability.logging_utils", "slime.utils.logging_utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    hooks.reset()
+    assert hooks.slime_logging() is None and hooks.slime_logging() is None
+    warnings_ = [r for r in caplog.records if "slime's logger is not importable" in r.getMessage()]
+    assert len(warnings_) == 1 and "slime.utils.logging_utils" in warnings_[0].getMessage()
+
+    logged = []  # slime v0.3.1 and earlier: slime.utils.{logging_utils,metric_utils}
+    log_mod, step_mod = types.ModuleType("slime.utils.logging_utils"), types.ModuleType("slime.utils.metric_utils")
+    log_mod.log = lambda args, data, step_key: logged.append((data, step_key))
+    step_mod.compute_rollout_step = lambda args, rollout_id: rollout_id * 10
+    for name, mod in (("slime", types.ModuleType("slime")), ("slime.utils", types.ModuleType("slime.utils")),
+                      ("slime.utils.logging_utils", log_mod), ("slime.utils.metric_utils", step_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    hooks.reset()
+    args = make_args(use_wandb=False)
+    hooks.log_rollout_data(2, args, [], {}, 0.1)
+    ((data, step_key),) = logged
+    assert step_key == "rollout/step" and data["rollout/step"] == 20 and data["rollout/xvocab/samples"] == 0.0
+
+
+def test_teacher_temperature_reaches_the_server_and_a_server_ignoring_it_is_warned_once(teacher, caplog):
+    caplog.set_level(logging.WARNING, logger="slime_xvocab.hooks")
+    cold = run_rollout(xargs(teacher.url, rollout_temperature=0.5, xvocab_credit_mode="exact"), rollout(Sample, 2))
+    hooks.reset()
+    plain = run_rollout(xargs(teacher.url, xvocab_credit_mode="exact"), rollout(Sample, 2))
+    hook_warnings = [r for r in caplog.records if r.name == "slime_xvocab.hooks"]
+    assert not any("input_logprob_temperature" in r.getMessage() for r in hook_warnings)
+    for c, p in zip(cold, plain, strict=True):
+        assert not np.allclose(np.asarray(c.teacher_log_probs), np.asarray(p.teacher_log_probs))
+
+    class _Client:
+        temperature = 0.5
+
+    runtime = hooks._Runtime(config=None, builder=None, client=_Client())
+    ignored = type("Scores", (), {"temperature": 1.0, "url": "http://old-sglang/generate"})()
+    hooks._check_temperature(runtime, ignored)
+    hooks._check_temperature(runtime, ignored)
+    (record,) = [
+        r for r in caplog.records if r.name == "slime_xvocab.hooks" and "input_logprob_temperature" in r.getMessage()
+    ]
+    assert "http://old-sglang/generate" in record.getMessage() and "applied 1" in record.getMessage()

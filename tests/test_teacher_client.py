@@ -83,6 +83,7 @@ class FaultServer:
         self.headers: list[dict] = []
         self.delay_s = 0.0
         self.slow_s = 2.0
+        self.echo_temperature = False  # True: answer like SGLang with sglang#36213 (echo the applied T)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -142,6 +143,8 @@ class FaultServer:
                 return web.Response(status=200, text='{"meta_info": {', content_type="application/json")
             ids, starts = body["input_ids"], body["logprob_start_len"]
             top_k = body.get("top_logprobs_num", 0)
+            if ids and isinstance(ids[0], list) and not isinstance(starts, list):
+                starts = [starts] * len(ids)  # SGLang broadcasts a scalar over the batch
             if ids and isinstance(ids[0], list):
                 answers = [_answer(i, s, top_k, "ok") for i, s in zip(ids, starts, strict=True)]
                 if action == "batch_short":
@@ -149,7 +152,10 @@ class FaultServer:
                 elif action != "ok":
                     answers[-1] = _answer(ids[-1], starts[-1], top_k, action)
                 return web.json_response(answers)
-            return web.json_response(_answer(ids, starts, top_k, action))
+            answer = _answer(ids, starts, top_k, action)
+            if self.echo_temperature:
+                answer["meta_info"]["input_logprob_temperature"] = body.get("input_logprob_temperature", 1.0)
+            return web.json_response(answer)
         finally:
             self.in_flight -= 1
 
@@ -423,6 +429,31 @@ def test_batching_packs_requests_and_keeps_order(server):
     for s, (ids, rs) in zip(out, items, strict=True):
         np.testing.assert_allclose(s.log_probs, expected_lps(ids, rs), atol=1e-6)
     assert st["requests"] == 3 and st["sequences"] == 10
+
+
+def test_batch_with_one_start_sends_a_scalar_start_that_a_router_accepts(server):
+    """sglang-router's typed request rejects a list logprob_start_len (422); equal starts need no list."""
+    items = [(IDS, 4), (IDS[:8], 4), (IDS[:6], 4)]
+    with client(server.url, batch_size=3) as c:
+        out = c.score_many(items)
+    assert server.bodies[0]["logprob_start_len"] == 3
+    for s, (ids, rs) in zip(out, items, strict=True):
+        np.testing.assert_allclose(s.log_probs, expected_lps(ids, rs), atol=1e-6)
+    assert build_request([(IDS, 4), (IDS, 5)])["logprob_start_len"] == [3, 4]
+
+
+def test_temperature_is_sent_only_when_not_one_and_the_applied_value_is_reported(server):
+    with client(server.url) as c:
+        assert c.score(IDS, 6).temperature == 1.0
+    assert "input_logprob_temperature" not in server.bodies[-1]  # T = 1: the stock body
+    with client(server.url, temperature=0.7) as c:
+        ignored = c.score(IDS, 6)  # this fault server predates sglang#36213: no echo
+        server.echo_temperature = True
+        applied = c.score(IDS, 6)
+    assert server.bodies[-1]["input_logprob_temperature"] == 0.7
+    assert ignored.temperature == 1.0 and applied.temperature == 0.7
+    with pytest.raises(ValueError, match="temperature=0"):
+        TeacherClient("http://127.0.0.1:1", temperature=0)
 
 
 @pytest.mark.parametrize(
