@@ -180,6 +180,79 @@ def memory_line() -> None:
     print(f"\nPeak Python/numpy memory of one 64k-token sample (view + credit + stats): {peak / 2**20:.1f} MiB")
 
 
+class _FrequencyTeacher:
+    """Answers any response with the observed tokens plus top-k drawn from token frequencies (no model)."""
+
+    def __init__(self, freq_ids, freq_p, seed: int = 0) -> None:
+        self.freq_ids, self.freq_p, self.rng = freq_ids, freq_p, np.random.default_rng(seed)
+
+    def score(self, response_ids, k=None):
+        class _View:
+            input_ids, response_start = list(response_ids), 0
+        lps, top = teacher_answer(self.rng, _View, self.freq_ids, self.freq_p, k or 20)
+        return lps.astype(np.float64), top
+
+
+def _serve_frequency_teacher(freq_ids, freq_p, urls, stop) -> None:
+    from oracle_teacher import OracleServer
+
+    with OracleServer(_FrequencyTeacher(freq_ids, freq_p)) as server:
+        urls.put(server.url)
+        stop.wait(600)
+
+
+def stall_line(n_samples: int = 64) -> None:
+    """Longest delay of a 1 ms heartbeat on the event loop while reward_func scores samples concurrently
+    (the teacher answers from another process, so only the hooks' own work shares this process)."""
+    import asyncio
+    import multiprocessing as mp
+
+    hooks.reset()
+    t_tok = load_tokenizer("llama3_1")
+    corpus = np.asarray(t_tok(" ".join(RESPONSES), add_special_tokens=False)["input_ids"])
+    freq_ids, counts = np.unique(corpus, return_counts=True)
+    ctx = mp.get_context("fork")
+    urls, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve_frequency_teacher, args=(freq_ids, counts / counts.sum(), urls, stop))
+    server.start()
+    try:
+        url = urls.get(timeout=60)
+        bench = PairBench("qwen3", "llama3_1", (RESPONSES * 40)[:n_samples])
+        args = bench.args
+        args.xvocab_teacher_urls = url
+        hooks.reset()
+
+        async def run() -> float:
+            runtime = await asyncio.to_thread(hooks._runtime, args)  # start-up is not the steady state
+            await hooks.reward_func(args, bench.samples[0])
+            worst, done = 0.0, False
+
+            async def heartbeat() -> None:
+                nonlocal worst
+                loop = asyncio.get_running_loop()
+                while not done:
+                    t0 = loop.time()
+                    await asyncio.sleep(0.001)
+                    worst = max(worst, loop.time() - t0 - 0.001)
+
+            beat = asyncio.create_task(heartbeat())
+            await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
+            done = True
+            await beat
+            await runtime.client.aclose()
+            return worst
+
+        worst = asyncio.run(run())
+        failed = sum(s.metadata["xvocab"]["failed"] for s in bench.samples)
+    finally:
+        stop.set()
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+    print(f"\nLongest event-loop stall while {n_samples} samples were scored concurrently through reward_func "
+          f"(teacher in another process, no model): {worst * 1e3:.1f} ms ({failed} fallbacks)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -189,6 +262,7 @@ def main() -> None:
     scaling_table(args.quick)
     if not args.quick:
         memory_line()
+    stall_line(16 if args.quick else 64)
 
 
 if __name__ == "__main__":
