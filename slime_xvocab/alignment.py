@@ -658,6 +658,12 @@ def align_response(
         keep = max(0, max_teacher_tokens)
         teacher_end = int(encoding.spans[:keep, 1].max()) if keep else 0
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
+    if encoding.exact and teacher_end == len(data):
+        # Byte-exact and complete (the usual case): token byte lengths alone place every token.
+        s_len = student_table.lengths_of(student_ids)
+        t_len = np.diff(encoding.spans, axis=1).reshape(-1)
+        counts = np.array([len(s_len)]), np.array([len(t_len)])
+        return encoding, align_lengths_flat(s_len, counts[0], t_len, counts[1])[0]
     student_spans = response_spans(student_ids, student_table)
     alignment = align_spans(
         student_spans,
