@@ -27,13 +27,21 @@ Every answer is validated before it becomes numbers (a wrong answer raises, it i
 
 Failures map onto :mod:`slime_xvocab.errors`:
 
-* connection refused/reset, 5xx, 408, 429: retried ``max_retries`` times, then ``TeacherUnavailable``;
-* no answer within ``timeout_s``: retried, then ``TeacherTimeout``;
-* any other 4xx (bad request, 401, 404 ...): ``TeacherRequestRejected`` at once, with the server's message;
+* connection refused/reset, 5xx (503 included), 408, 429: retried within the retry budget, then
+  ``TeacherUnavailable``;
+* no answer within ``timeout_s``: retried within the budget, then ``TeacherTimeout``;
+* any other 4xx (bad request, 401, 404 ...): ``TeacherRequestRejected`` at once, with the server's message
+  and why it is not retried;
 * an answer that fails validation: ``TeacherBadResponse`` at once (unless ``retry_bad_responses``);
 * an input longer than ``max_input_tokens`` or with ``response_start < 1``: ``SampleError``, nothing is sent.
 
-Retries use exponential backoff with full jitter (``uniform(0, min(max_backoff_s, backoff_s * 2**n))``).
+Every raised :class:`~slime_xvocab.errors.TeacherError` carries ``attempts`` and ``latency_s``, so the
+retries of calls that finally failed are counted too.
+
+Retries follow a :class:`RetryPolicy`: a failed call is retried until ``retry_budget_s`` seconds have passed
+since its first failure (default 60 s, long enough for a router failover or a replica restart; optionally
+also at most ``max_retries`` retries), sleeping ``uniform(0, min(max_backoff_s, backoff_s * 2**n))`` between
+attempts (exponential backoff with full jitter) or longer when the server sends ``Retry-After``.
 With several URLs, requests go round-robin over the healthy endpoints; an endpoint that fails is put in
 cooldown and the retry goes to another one at once. If every endpoint is cooling down the client tries
 anyway (the one whose cooldown ends first) and counts it in ``stats()["all_endpoints_down"]``. A
@@ -78,10 +86,12 @@ from yarl import URL
 from .errors import (
     SampleError,
     TeacherBadResponse,
+    TeacherError,
     TeacherRequestRejected,
     TeacherTimeout,
     TeacherUnavailable,
 )
+from .urls import check_url, has_credentials, redact_url
 
 try:  # orjson is 3-10x faster on the log-prob lists; it comes with sglang-router. json is the fallback.
     import orjson as _orjson
@@ -92,6 +102,8 @@ __all__ = [
     "TeacherScores",
     "TeacherClient",
     "SyncTeacherClient",
+    "RetryPolicy",
+    "redact_url",
     "parse_error_message",
     "normalize_url",
     "build_request",
@@ -162,14 +174,67 @@ def normalize_url(url: str) -> str:
         The URL ending in ``/generate``, e.g. ``normalize_url("http://h:30000") == "http://h:30000/generate"``.
 
     Raises:
-        ValueError: the URL is empty or not http(s).
+        ValueError: the URL is empty, not http(s), has no host or a port outside 1-65535 (the message
+            never repeats credentials).
     """
+    problem = check_url(url)
+    if problem is not None:
+        raise ValueError(f"teacher URL {problem}")
     u = url.strip().rstrip("/")
-    if not u.startswith(("http://", "https://")):
-        raise ValueError(
-            f"teacher URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:30000)"
-        )
     return u if u.endswith("/generate") else u + "/generate"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed attempt is retried, and how long to sleep first (pure: no clock, no I/O).
+
+    A call keeps retrying retryable failures until ``budget_s`` seconds have passed since its first failure
+    (and, if ``max_retries`` is set, at most that many retries). Each sleep is drawn with full jitter,
+    ``uniform(0, min(max_backoff_s, backoff_s * 2**(retry - 1)))``, raised to the server's ``Retry-After``
+    when it sends one, and never runs past the budget: the last retry starts at the budget's end at the
+    latest.
+
+    Attributes:
+        budget_s: seconds after a call's first failure during which retries are started.
+        max_retries: an extra cap on retries per call; None: the budget alone bounds them.
+        backoff_s: base of the exponential backoff, seconds.
+        max_backoff_s: cap of one (jittered) backoff sleep, seconds.
+    """
+
+    budget_s: float = 60.0
+    max_retries: int | None = None
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def next_delay(
+        self, retries_done: int, since_first_failure_s: float, retry_after_s: float | None, rng: random.Random
+    ) -> tuple[float | None, str]:
+        """Decide about the next retry.
+
+        Args:
+            retries_done: retries this call has already made.
+            since_first_failure_s: seconds since the call's first failed attempt.
+            retry_after_s: the server's ``Retry-After`` for the last failure, if any.
+            rng: where the jitter comes from.
+
+        Returns:
+            ``(delay_s, "")`` to retry after ``delay_s`` seconds, or ``(None, why)`` to stop, ``why`` saying
+            which bound was reached.
+        """
+        if self.max_retries is not None and retries_done >= self.max_retries:
+            return None, f"max_retries={self.max_retries} retries spent"
+        left = self.budget_s - since_first_failure_s
+        if left <= 0:
+            return None, f"retry budget of {self.budget_s:g}s spent"
+        delay = rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * (2.0 ** retries_done)))
+        if retry_after_s is not None:
+            if retry_after_s > left:
+                return None, (
+                    f"the server asked to wait Retry-After={retry_after_s:g}s, more than the {left:.1f}s left of "
+                    f"the retry budget ({self.budget_s:g}s)"
+                )
+            delay = max(delay, retry_after_s)
+        return min(delay, left), ""
 
 
 def _base_url(generate_url: str) -> str:
@@ -242,12 +307,13 @@ class _Endpoint:
     """One teacher URL, its health state and how to reach it."""
 
     __slots__ = (
-        *("url", "yurl", "via"),
+        *("url", "shown", "yurl", "via"),
         *("cooldown_until", "consecutive_failures", "requests", "failures"),
     )
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.shown = redact_url(url)  # what messages, stats and TeacherScores.url show
         self.yurl = URL(url)  # parsed once: aiohttp would parse the string on every request
         self.via: dict[str, Any] = {}  # the proxy keyword arguments of every request to it (trust_env)
         self.cooldown_until = 0.0
@@ -259,11 +325,14 @@ class _Endpoint:
 class _AttemptFailed(Exception):
     """Internal: one HTTP attempt failed; ``kind`` is one of FAILURE_KINDS."""
 
-    def __init__(self, kind: str, message: str, retryable: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, retryable: bool, retry_after: float | None = None, status: int = 0
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.status = status
 
 
 class TeacherClient:
@@ -274,9 +343,11 @@ class TeacherClient:
         api_key: sent as ``Authorization: Bearer <api_key>`` (SGLang ``--api-key``).
         timeout_s: per-attempt timeout, seconds: the whole attempt (connect, send, wait for and read the
             answer) must end within it.
-        max_retries: retries after the first attempt for retryable failures (so ``1 + max_retries`` attempts).
+        max_retries: an optional cap on retries per call on top of ``retry_budget_s`` (None: no cap).
+        retry_budget_s: retryable failures are retried until this many seconds after a call's first failure
+            (see :class:`RetryPolicy`); 0 disables retries.
         backoff_s: base of the exponential backoff, seconds.
-        max_backoff_s: cap of one backoff sleep, seconds.
+        max_backoff_s: cap of one backoff sleep, seconds (a ``Retry-After`` may ask for longer).
         max_concurrency: most HTTP requests in flight at once (per event loop); also the connection pool size.
         max_input_tokens: reject longer inputs client-side with SampleError (use the worker's
             ``/server_info`` ``max_req_input_len``). ``None`` = no client-side limit.
@@ -289,10 +360,15 @@ class TeacherClient:
         connect_timeout_s: connect timeout, seconds (default ``min(timeout_s, 10)``).
         trust_env: use the proxy that ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` give for each URL (read
             once per event loop; credentials go in the proxy URL, ``http://user:pass@proxy:3128``).
-        health_path: what ``health()`` polls (``/health_generate`` runs a tiny forward on SGLang).
+        health_path: what ``health()`` polls (``/health_generate`` runs a tiny forward on SGLang;
+            ``/health`` is tried when it answers 404).
+        ca_bundle: PEM file of the CA(s) that sign the teacher's certificate (a private CA); default: the
+            system store (and ``SSL_CERT_FILE``).
+        verify_tls: False skips certificate verification for ``https://`` teachers (testing only).
 
     Raises:
-        ValueError: no URL, or a bad numeric setting.
+        ValueError: no URL, a bad URL (scheme, host, port), credentials in a URL together with
+            ``api_key``, an unreadable ``ca_bundle``, or a bad numeric setting.
     """
 
     def __init__(
@@ -301,7 +377,8 @@ class TeacherClient:
         *,
         api_key: str | None = None,
         timeout_s: float = 120.0,
-        max_retries: int = 3,
+        max_retries: int | None = None,
+        retry_budget_s: float = 60.0,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         max_concurrency: int = 32,
@@ -313,6 +390,8 @@ class TeacherClient:
         connect_timeout_s: float | None = None,
         trust_env: bool = True,
         health_path: str = "/health_generate",
+        ca_bundle: str | None = None,
+        verify_tls: bool = True,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -320,8 +399,10 @@ class TeacherClient:
         problems = []
         if timeout_s <= 0:
             problems.append(f"timeout_s={timeout_s} must be > 0")
-        if max_retries < 0:
-            problems.append(f"max_retries={max_retries} must be >= 0")
+        if max_retries is not None and max_retries < 0:
+            problems.append(f"max_retries={max_retries} must be >= 0 or None")
+        if retry_budget_s < 0:
+            problems.append(f"retry_budget_s={retry_budget_s} must be >= 0")
         if backoff_s < 0 or max_backoff_s < 0:
             problems.append("backoff_s and max_backoff_s must be >= 0")
         if max_concurrency < 1:
@@ -332,6 +413,8 @@ class TeacherClient:
             problems.append(f"top_logprobs={top_logprobs} must be >= 0")
         if max_input_tokens is not None and max_input_tokens < 1:
             problems.append(f"max_input_tokens={max_input_tokens} must be >= 1 or None")
+        if api_key and any(has_credentials(u) for u in url_list):
+            problems.append("a teacher URL carries user:password@ and api_key is set too: keep one")
         if problems:
             raise ValueError("invalid TeacherClient settings: " + "; ".join(problems))
         seen: dict[str, None] = {}
@@ -340,9 +423,12 @@ class TeacherClient:
         self.urls: list[str] = list(seen)
         self.api_key = api_key
         self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
+        self.max_retries = None if max_retries is None else int(max_retries)
+        self.retry_budget_s = float(retry_budget_s)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.retry_policy = RetryPolicy(self.retry_budget_s, self.max_retries, self.backoff_s, self.max_backoff_s)
+        self._ssl = _ssl_option(ca_bundle, verify_tls)
         self.max_concurrency = int(max_concurrency)
         self.max_input_tokens = max_input_tokens
         self.top_logprobs = int(top_logprobs)
@@ -387,7 +473,7 @@ class TeacherClient:
         # resolved above, once. No cookies: a teacher has no use for them and the jar costs per request.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, ssl=self._ssl
             ),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s),
             headers=self._headers,
@@ -475,10 +561,13 @@ class TeacherClient:
         return out
 
     def endpoint_stats(self) -> dict[str, dict[str, float]]:
-        """Per-URL counters: ``requests``, ``failures``, ``healthy`` (1.0 unless in cooldown now)."""
+        """Per-URL counters: ``requests``, ``failures``, ``healthy`` (1.0 unless in cooldown now).
+
+        Keys are the ``/generate`` URLs with any credentials redacted (``http://***@host:port/generate``).
+        """
         now = time.monotonic()
         return {
-            ep.url: {
+            ep.shown: {
                 "requests": float(ep.requests),
                 "failures": float(ep.failures),
                 "healthy": float(ep.cooldown_until <= now),
@@ -567,17 +656,25 @@ class TeacherClient:
         """GET ``health_path`` on every endpoint; updates the balancer's view.
 
         Returns:
-            ``{generate_url: healthy}``; healthy means HTTP 200 within ``timeout_s``.
+            ``{generate_url: healthy}`` (URLs as given, credentials included: keys to match ``self.urls``;
+            print them with :func:`redact_url`); healthy means HTTP 200 within ``timeout_s``.
         """
         _, http = self._resources()
 
+        paths = [self.health_path] + (["/health"] if self.health_path != "/health" else [])
+
         async def one(ep: _Endpoint) -> bool:
-            try:
-                async with http.get(_base_url(ep.url) + self.health_path, **ep.via) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except (asyncio.TimeoutError, *_NET_ERRORS):
-                ok = False
+            ok = False
+            for path in paths:  # a server without /health_generate (404) may still have /health
+                try:
+                    async with http.get(_base_url(ep.url) + path, **ep.via) as r:
+                        await r.read()
+                        status = r.status
+                except (asyncio.TimeoutError, *_NET_ERRORS):
+                    break
+                ok = status == 200
+                if status != 404:
+                    break
             if ok:
                 ep.cooldown_until = 0.0
                 ep.consecutive_failures = 0
@@ -608,27 +705,28 @@ class TeacherClient:
         for ep in self._ordered_endpoints():
             for path in paths:
                 url = _base_url(ep.url) + path
+                shown = redact_url(url)
                 try:
                     async with http.get(url, **ep.via) as r:
                         status, content = r.status, await r.read()
                 except (asyncio.TimeoutError, *_NET_ERRORS) as e:
-                    problems.append(f"{url}: {type(e).__name__}: {e}")
+                    problems.append(redact_url(f"{shown}: {type(e).__name__}: {e}"))
                     break  # endpoint unreachable: try the next one
                 if status == 200:
                     try:
                         data = _loads(content)
                     except ValueError:
-                        problems.append(f"{url}: answer is not JSON")
+                        problems.append(f"{shown}: answer is not JSON")
                         continue
                     if isinstance(data, dict):
                         return data
-                    problems.append(f"{url}: answer is not a JSON object")
+                    problems.append(f"{shown}: answer is not a JSON object")
                 elif status in (401, 403):
                     raise TeacherRequestRejected(
-                        f"{url} answered {status}: {parse_error_message(content)} (check api_key)"
+                        f"{shown} answered {status}: {parse_error_message(content)} (check api_key)"
                     )
                 else:
-                    problems.append(f"{url}: HTTP {status}")
+                    problems.append(f"{shown}: HTTP {status}")
         raise TeacherUnavailable(
             "no teacher endpoint answered " + " or ".join(paths) + ": " + "; ".join(problems)
         )
@@ -664,38 +762,40 @@ class TeacherClient:
         ep.cooldown_until = time.monotonic() + self.cooldown_s
 
     async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
-        """Send one request for ``items`` with retries; return validated scores."""
+        """Send one request for ``items`` with retries (see :class:`RetryPolicy`); return validated scores."""
         body = _dumps(build_request(items, self.top_logprobs))
         sem, http = self._resources()
         t0 = time.perf_counter()
         tried: set[str] = set()
         attempts = 0
-        last: _AttemptFailed | None = None
-        last_url = self.urls[0]
+        first_failure: float | None = None
         while True:
             ep = self._pick(tried)
             tried.add(ep.url)
-            last_url = ep.url
             attempts += 1
             if attempts > 1:
                 self._counts["retries"] += 1
             try:
                 async with sem:
                     data = await self._post(http, ep, body)
-                parsed = _parse_answer(data, items, ep.url, self.top_logprobs)
+                parsed = _parse_answer(data, items, ep.shown, self.top_logprobs)
             except _AttemptFailed as e:
-                last = e
                 self._counts[f"failures_{e.kind}"] += 1
                 if e.kind != "4xx" and e.kind != "bad_response":
                     self._mark_failed(ep)
+                first_failure = time.perf_counter() if first_failure is None else first_failure
                 retryable = e.retryable or (e.kind == "bad_response" and self.retry_bad_responses)
-                if not retryable or attempts > self.max_retries:
-                    break
-                delay = self._backoff(attempts, e.retry_after)
+                if not retryable:
+                    raise self._give_up(e, items, attempts, tried, t0, "") from None
+                delay, why = self.retry_policy.next_delay(
+                    attempts - 1, time.perf_counter() - first_failure, e.retry_after, self._rng
+                )
+                if delay is None:
+                    raise self._give_up(e, items, attempts, tried, t0, why) from None
                 # Fail over at once when another healthy endpoint exists; back off otherwise.
                 now = time.monotonic()
                 if not any(x.cooldown_until <= now and x.url not in tried for x in self._endpoints):
-                    logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.url, e, attempts, delay)
+                    logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.shown, e, attempts, delay)
                     await asyncio.sleep(delay)
                 continue
             ep.consecutive_failures = 0
@@ -705,36 +805,47 @@ class TeacherClient:
             self._counts["sequences"] += len(items)
             return [
                 TeacherScores(
-                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.url
+                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.shown
                 )
                 for lp, top in parsed
             ]
+
+    def _give_up(
+        self, last: _AttemptFailed, items: list, attempts: int, tried: set[str], t0: float, why: str
+    ) -> TeacherError:
+        """The error a call ends with: what failed, after how many attempts, and why it stopped there."""
         self._counts["errors"] += 1
-        assert last is not None
+        latency = time.perf_counter() - t0
         n = len(items)
         what = "1 sequence" if n == 1 else f"a batch of {n} sequences"
-        if last.kind == "4xx":
-            raise TeacherRequestRejected(f"{last} (scoring {what}; not retried: fix the request)")
-        if last.kind == "bad_response":
-            raise TeacherBadResponse(str(last))
+        count = {"attempts": attempts, "latency_s": latency}
+        if not why:  # not retryable
+            if last.kind == "bad_response":
+                return TeacherBadResponse(
+                    f"{last} (not retried: a wrong answer means a misconfigured server, not a passing fault)",
+                    **count,
+                )
+            return TeacherRequestRejected(
+                f"{last} (scoring {what}; not retried: HTTP {last.status} means the server refused this "
+                "request itself, so it would refuse it again)",
+                **count,
+            )
+        shown = sorted(redact_url(u) for u in tried)
         summary = (
-            f"scoring {what} failed after {attempts} attempt(s) over {sorted(tried)}; last error: {last}"
+            f"scoring {what} failed after {attempts} attempt(s) in {latency:.1f}s over {shown} (stopped: {why}; "
+            f"xvocab_retry_budget_s / retry_budget_s sets how long faults are ridden through); last error: {last}"
         )
         if last.kind == "timeout":
-            raise TeacherTimeout(
+            return TeacherTimeout(
                 f"{summary}. The teacher did not answer within timeout_s={self.timeout_s}; raise timeout_s, "
-                "lower max_concurrency/batch_size, or add teacher replicas."
+                "lower max_concurrency/batch_size, or add teacher replicas.",
+                **count,
             )
-        raise TeacherUnavailable(
-            f"{summary}. Check that the teacher is up (GET {_base_url(last_url)}/health_generate)."
-        )
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        cap = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
-        delay = self._rng.uniform(0.0, cap)  # full jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
+        if last.status in RETRY_STATUSES or last.status == 503:
+            hint = "The teacher is overloaded: add replicas, or lower xvocab_max_concurrency."
+        else:
+            hint = f"Check that the teacher is up (GET {_base_url(redact_url(sorted(tried)[0]))}/health_generate)."
+        return TeacherUnavailable(f"{summary}. {hint}", **count)
 
     async def _post(self, http: aiohttp.ClientSession, ep: _Endpoint, body: bytes) -> Any:
         """One HTTP attempt; returns decoded JSON or raises _AttemptFailed."""
@@ -748,23 +859,22 @@ class TeacherClient:
                 retry_after_header = r.headers.get("Retry-After") if status != 200 else None
         except asyncio.TimeoutError as e:  # before _NET_ERRORS: aiohttp's timeouts are ClientErrors too
             raise _AttemptFailed(
-                "timeout", f"{ep.url}: no answer within {self.timeout_s}s ({type(e).__name__})", True
+                "timeout", f"{ep.shown}: no answer within {self.timeout_s}s ({type(e).__name__})", True
             ) from None
         except _NET_ERRORS as e:
-            raise _AttemptFailed(
-                "connection", f"{ep.url}: {type(e).__name__}: {e or 'connection failed'}", True
-            ) from None
+            detail = redact_url(f"{type(e).__name__}: {e or 'connection failed'}")
+            raise _AttemptFailed("connection", f"{ep.shown}: {detail}", True) from None
         self._counts["bytes_received"] += len(content)
         if status != 200:
-            msg = parse_error_message(content)
+            msg = redact_url(parse_error_message(content))
             retry_after = _retry_after(retry_after_header)
             if status >= 500:
-                raise _AttemptFailed("5xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
+                raise _AttemptFailed("5xx", f"{ep.shown} answered HTTP {status}: {msg}", True, retry_after, status)
             if status in RETRY_STATUSES:
-                raise _AttemptFailed("4xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
-            hint = " (check api_key)" if status in (401, 403) else ""
+                raise _AttemptFailed("4xx", f"{ep.shown} answered HTTP {status}: {msg}", True, retry_after, status)
             raise _AttemptFailed(
-                "4xx", f"{ep.url} rejected the request with HTTP {status}: {msg}{hint}", False
+                "4xx", f"{ep.shown} rejected the request with HTTP {status}: {msg}{_hint(status, msg)}", False,
+                status=status,
             )
         try:
             return _loads(content)
@@ -772,7 +882,7 @@ class TeacherClient:
             snippet = content[:200].decode("utf-8", "replace")
             raise _AttemptFailed(
                 "bad_response",
-                f"teacher {ep.url} answered 200 with a body that is not JSON: {snippet!r}",
+                f"teacher {ep.shown} answered 200 with a body that is not JSON: {snippet!r}",
                 False,
             ) from None
 
@@ -801,6 +911,38 @@ def _env_proxy(url: str) -> dict[str, Any]:
     auth = {"Proxy-Authorization": aiohttp.BasicAuth(purl.user, purl.password or "").encode()}
     where = "proxy_headers" if parts.scheme == "https" else "headers"
     return {"proxy": str(purl.with_user(None)), where: auth}
+
+
+_CONTEXT_WORDS = ("context length", "context_length", "context window", "too long", "longer than", "max_req_input_len")
+
+
+def _hint(status: int, message: str) -> str:
+    """What to do about a refused request, when the status or the server's message tells."""
+    if status in (401, 403):
+        return " (check api_key / XVOCAB_API_KEY)"
+    if any(w in message.lower() for w in _CONTEXT_WORDS):
+        return (
+            " (the teacher's context is too short for this sequence: set xvocab_max_teacher_tokens, or "
+            "max_input_tokens, to the teacher's max_req_input_len so longer teacher views are cut before sending)"
+        )
+    return ""
+
+
+def _ssl_option(ca_bundle: str | None, verify_tls: bool) -> Any:
+    """The ``ssl=`` argument of the connector: True (system store), False (no verification) or a context."""
+    if not verify_tls:
+        return False
+    if not ca_bundle:
+        return True
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(
+            f"ca_bundle={ca_bundle!r} cannot be used: {type(e).__name__}: {e} (give a readable PEM file of CA "
+            "certificates)"
+        ) from None
 
 
 def _retry_after(value: str | None) -> float | None:
