@@ -20,7 +20,7 @@ import urllib.parse
 
 __all__ = ["redact_url", "redact_text", "check_url", "has_credentials", "is_loopback"]
 
-_USERINFO = re.compile(r"(https?://)[^/\s@]*@", re.IGNORECASE)
+_USERINFO = re.compile(r"([a-z][a-z0-9+.-]*://)[^/\s@'\"]*@", re.IGNORECASE)
 
 
 def redact_url(url: str) -> str:
