@@ -79,7 +79,8 @@ class FaultProxy:
 
     async def _upstream(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         async with aiohttp.ClientSession() as http:
-            async with http.request(method, self.upstream + path, data=body) as r:
+            headers = {"Content-Type": "application/json"} if body is not None else None
+            async with http.request(method, self.upstream + path, data=body, headers=headers) as r:
                 return r.status, await r.read()
 
     async def _forward_get(self, request: web.Request) -> web.Response:
@@ -266,3 +267,55 @@ def fault_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_replica_killed_behind_sglang_router(teacher_dir, baseline, caplog):  # noqa: F811
+    """proxy -> sglang-router -> two reference teachers; one replica is SIGKILLed mid-rollout."""
+    pytest.importorskip("sglang_router")
+    import subprocess
+
+    from test_teacher_router import generate_count, start_router
+
+    from slime_xvocab.teacher_server import start_teacher_server
+
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    with start_teacher_server(teacher_dir) as s1, start_teacher_server(teacher_dir) as s2:
+        proc, router_url, _ = start_router([s1.url, s2.url])
+        proxy = FaultProxy(router_url)
+        try:
+            hooks.reset()
+            args = fault_args(proxy.url)
+            samples = rollout(Sample, N_SAMPLES) + rollout(Sample, N_SAMPLES)  # the same 8 twice: 16 requests
+            for k, s in enumerate(samples):
+                s.index = k
+
+            def killer():
+                deadline = time.monotonic() + 60
+                while generate_count(s2.url) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                s2.kill()
+
+            thread = threading.Thread(target=killer, daemon=True)
+            thread.start()
+            samples = run_rollout(args, samples)
+            thread.join(60)
+            hooks.log_rollout_data(0, args, samples, None, 0.0)
+            metrics = {k.removeprefix("rollout/xvocab/"): v for k, v in logged(caplog, "rollout").items()}
+        finally:
+            proxy.close()
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    assert not s2.alive()
+    for s, expected in zip(samples, baseline + baseline, strict=True):
+        if not s.metadata["xvocab"]["failed"]:
+            np.testing.assert_allclose(s.teacher_log_probs.numpy(), expected, rtol=0, atol=1e-6)
+    failed = sum(s.metadata["xvocab"]["failed"] for s in samples)
+    errors = Counter(s.metadata["xvocab"]["error"][:300] for s in samples if s.metadata["xvocab"]["failed"])
+    assert metrics["teacher_failures"] == failed == 0, errors  # the router and the retry budget ride through
+    assert metrics["teacher_requests"] == proxy.requests and metrics["teacher_retries"] == proxy.requests - 16
+    print(f"\nreplica kill behind sglang-router: {proxy.requests} requests, {int(metrics['teacher_retries'])} "
+          f"retries, 16 scored, {failed} fell back")
