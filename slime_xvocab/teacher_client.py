@@ -47,6 +47,10 @@ cooldown and the retry goes to another one at once. If every endpoint is cooling
 anyway (the one whose cooldown ends first) and counts it in ``stats()["all_endpoints_down"]``. A
 ``sglang-router`` in front of several replicas is simply one URL.
 
+Layout: the client composes the wire format (:mod:`slime_xvocab.sglang_wire`, pure functions: request in,
+parsed arrays out), a :class:`RetryPolicy` (when to retry, how long to sleep), an :class:`EndpointPool`
+(which URL, cooldowns) and the HTTP transport below; it keeps the statistics.
+
 Transport: aiohttp, one ``ClientSession`` per event loop holding a keep-alive pool of ``max_concurrency``
 connections (idle ones are dropped after ``KEEPALIVE_S``); bodies go through orjson when it is installed
 (json otherwise). The client spends well under 0.5 ms of CPU per request, so one request per sequence (what
@@ -68,7 +72,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import random
 import threading
@@ -91,18 +94,17 @@ from .errors import (
     TeacherTimeout,
     TeacherUnavailable,
 )
+from .sglang_wire import LOGPROB_EPS, BadAnswer, build_request, parse_answer, parse_error_message
+from .sglang_wire import dumps as _dumps
+from .sglang_wire import loads as _loads
 from .urls import check_url, has_credentials, redact_url
-
-try:  # orjson is 3-10x faster on the log-prob lists; it comes with sglang-router. json is the fallback.
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
 
 __all__ = [
     "TeacherScores",
     "TeacherClient",
     "SyncTeacherClient",
     "RetryPolicy",
+    "EndpointPool",
     "redact_url",
     "parse_error_message",
     "normalize_url",
@@ -112,8 +114,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Largest log-prob accepted as "<= 0": float32 log-softmax of a near-certain token can round above 0.
-LOGPROB_EPS = 1e-4
 #: HTTP statuses that are retried (besides every 5xx): request timeout, too many requests.
 RETRY_STATUSES = frozenset({408, 429})
 #: Failure kinds, each counted in ``stats()`` as ``failures_<kind>``.
@@ -128,18 +128,6 @@ KEEPALIVE_S = 4.0
 _NET_ERRORS = (aiohttp.ClientError, OSError)
 
 T = TypeVar("T")
-
-
-def _dumps(obj: Any) -> bytes:
-    if _orjson is not None:
-        return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _loads(data: bytes) -> Any:
-    if _orjson is not None:
-        return _orjson.loads(data)
-    return json.loads(data)
 
 
 @dataclass(frozen=True)
@@ -241,68 +229,6 @@ def _base_url(generate_url: str) -> str:
     return generate_url[: -len("/generate")]
 
 
-def parse_error_message(body: bytes | str | Any) -> str:
-    """Extract the human-readable message from an SGLang (or router/proxy) error body.
-
-    Understands the three envelopes SGLang uses: ``{"error": {"message": s}}``, ``{"error": s}`` and
-    ``{"object": "error", "message": s, ...}``; also a bare ``{"message": s}`` / ``{"detail": s}``. Anything
-    else (plain text, HTML from a proxy) is returned as text, trimmed to 500 characters.
-
-    Args:
-        body: the raw response body (bytes or str) or an already-decoded JSON value.
-
-    Returns:
-        The message (never empty: ``"<empty body>"`` for an empty body).
-
-    Example:
-        >>> parse_error_message(b'{"error": {"message": "input_ids cannot be empty."}}')
-        'input_ids cannot be empty.'
-    """
-    obj = body
-    if isinstance(body, (bytes, bytearray, str)):
-        text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
-        if not text.strip():
-            return "<empty body>"
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return text.strip()[:500]
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict) and err.get("message") is not None:
-            return str(err["message"])
-        if isinstance(err, str) and err:
-            return err
-        for key in ("message", "detail"):
-            if obj.get(key) is not None:
-                return str(obj[key])
-    return json.dumps(obj)[:500] if not isinstance(obj, str) else obj[:500]
-
-
-def build_request(items: Sequence[tuple[Sequence[int], int]], top_logprobs: int = 0) -> dict[str, Any]:
-    """Build the ``/generate`` body that scores ``items``.
-
-    Args:
-        items: ``(input_ids, response_start)`` pairs, already validated (ids as Python ints).
-            One item gives a single request; several give SGLang's batch form (list of lists).
-        top_logprobs: k > 0 adds ``top_logprobs_num``.
-
-    Returns:
-        The JSON-ready dict.
-    """
-    params = {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False}
-    if len(items) == 1:
-        ids, start = items[0]
-        body: dict[str, Any] = {"input_ids": ids, "logprob_start_len": start - 1}
-    else:
-        body = {"input_ids": [ids for ids, _ in items], "logprob_start_len": [s - 1 for _, s in items]}
-    body["sampling_params"] = params
-    body["return_logprob"] = True
-    if top_logprobs > 0:
-        body["top_logprobs_num"] = top_logprobs
-    return body
-
-
 class _Endpoint:
     """One teacher URL, its health state and how to reach it."""
 
@@ -320,6 +246,66 @@ class _Endpoint:
         self.consecutive_failures = 0
         self.requests = 0
         self.failures = 0
+
+
+class EndpointPool:
+    """The teacher endpoints, their health, and which one the next attempt goes to (no I/O).
+
+    Attempts go round-robin over the healthy endpoints, preferring ones the call has not tried yet. An
+    endpoint that fails a transport-level attempt is put in cooldown for ``cooldown_s``; when every endpoint
+    is cooling down, the one whose cooldown ends first is used anyway (and :meth:`pick` says so).
+
+    Args:
+        urls: the ``/generate`` URLs (normalised, deduplicated).
+        cooldown_s: how long a failed endpoint is skipped, seconds.
+    """
+
+    def __init__(self, urls: Sequence[str], cooldown_s: float) -> None:
+        self.endpoints = [_Endpoint(u) for u in urls]
+        self.cooldown_s = cooldown_s
+        self._rr = 0
+
+    def pick(self, tried: set[str]) -> tuple[_Endpoint, bool]:
+        """The endpoint for the next attempt of a call that already tried ``tried`` (URLs), and whether
+        every endpoint was in cooldown."""
+        eps = self.endpoints
+        now = time.monotonic()
+        if len(eps) == 1:
+            return eps[0], eps[0].cooldown_until > now
+        n = len(eps)
+        start = self._rr
+        self._rr = (self._rr + 1) % n
+        healthy = [eps[(start + i) % n] for i in range(n) if eps[(start + i) % n].cooldown_until <= now]
+        fresh = [ep for ep in healthy if ep.url not in tried]
+        if fresh:
+            return fresh[0], False
+        if healthy:
+            return healthy[0], False
+        untried = [ep for ep in eps if ep.url not in tried] or eps
+        return min(untried, key=lambda ep: ep.cooldown_until), True
+
+    def has_fresh(self, tried: set[str]) -> bool:
+        """Whether a healthy endpoint the call has not tried exists (then it fails over without sleeping)."""
+        now = time.monotonic()
+        return any(ep.cooldown_until <= now and ep.url not in tried for ep in self.endpoints)
+
+    def ordered(self) -> list[_Endpoint]:
+        """Healthy endpoints first (for info requests)."""
+        now = time.monotonic()
+        return sorted(self.endpoints, key=lambda ep: ep.cooldown_until > now)
+
+    def mark_failed(self, ep: _Endpoint, *, count: bool = True) -> None:
+        """Put ``ep`` in cooldown (``count``: also count a failed attempt against it)."""
+        if count:
+            ep.failures += 1
+            ep.consecutive_failures += 1
+        ep.cooldown_until = time.monotonic() + self.cooldown_s
+
+    @staticmethod
+    def mark_ok(ep: _Endpoint) -> None:
+        """``ep`` answered: healthy again."""
+        ep.consecutive_failures = 0
+        ep.cooldown_until = 0.0
 
 
 class _AttemptFailed(Exception):
@@ -438,8 +424,8 @@ class TeacherClient:
         self.connect_timeout_s = min(self.timeout_s, 10.0) if connect_timeout_s is None else connect_timeout_s
         self.trust_env = trust_env
         self.health_path = health_path
-        self._endpoints = [_Endpoint(u) for u in self.urls]
-        self._rr = 0
+        self.pool = EndpointPool(self.urls, self.cooldown_s)
+        self._endpoints = self.pool.endpoints
         # Per-event-loop resources: an asyncio.Semaphore and an aiohttp session are bound to the loop that
         # first uses them, so both are (re)created lazily when the client is used from a different loop.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -676,10 +662,9 @@ class TeacherClient:
                 if status != 404:
                     break
             if ok:
-                ep.cooldown_until = 0.0
-                ep.consecutive_failures = 0
+                self.pool.mark_ok(ep)
             else:
-                ep.cooldown_until = time.monotonic() + self.cooldown_s
+                self.pool.mark_failed(ep, count=False)
             return ok
 
         oks = await asyncio.gather(*(one(ep) for ep in self._endpoints))
@@ -702,7 +687,7 @@ class TeacherClient:
     async def _get_info(self, paths: tuple[str, ...]) -> dict:
         _, http = self._resources()
         problems = []
-        for ep in self._ordered_endpoints():
+        for ep in self.pool.ordered():
             for path in paths:
                 url = _base_url(ep.url) + path
                 shown = redact_url(url)
@@ -731,36 +716,6 @@ class TeacherClient:
             "no teacher endpoint answered " + " or ".join(paths) + ": " + "; ".join(problems)
         )
 
-    def _ordered_endpoints(self) -> list[_Endpoint]:
-        now = time.monotonic()
-        return sorted(self._endpoints, key=lambda ep: ep.cooldown_until > now)
-
-    def _pick(self, tried: set[str]) -> _Endpoint:
-        """Round-robin over healthy endpoints, preferring ones this call has not tried yet."""
-        eps = self._endpoints
-        if len(eps) == 1:
-            if eps[0].cooldown_until > time.monotonic():
-                self._counts["all_endpoints_down"] += 1
-            return eps[0]
-        now = time.monotonic()
-        n = len(eps)
-        start = self._rr
-        self._rr = (self._rr + 1) % n
-        healthy = [eps[(start + i) % n] for i in range(n) if eps[(start + i) % n].cooldown_until <= now]
-        fresh = [ep for ep in healthy if ep.url not in tried]
-        if fresh:
-            return fresh[0]
-        if healthy:
-            return healthy[0]
-        self._counts["all_endpoints_down"] += 1
-        untried = [ep for ep in eps if ep.url not in tried] or eps
-        return min(untried, key=lambda ep: ep.cooldown_until)
-
-    def _mark_failed(self, ep: _Endpoint) -> None:
-        ep.failures += 1
-        ep.consecutive_failures += 1
-        ep.cooldown_until = time.monotonic() + self.cooldown_s
-
     async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
         """Send one request for ``items`` with retries (see :class:`RetryPolicy`); return validated scores."""
         body = _dumps(build_request(items, self.top_logprobs))
@@ -770,7 +725,8 @@ class TeacherClient:
         attempts = 0
         first_failure: float | None = None
         while True:
-            ep = self._pick(tried)
+            ep, all_down = self.pool.pick(tried)
+            self._counts["all_endpoints_down"] += all_down
             tried.add(ep.url)
             attempts += 1
             if attempts > 1:
@@ -778,11 +734,14 @@ class TeacherClient:
             try:
                 async with sem:
                     data = await self._post(http, ep, body)
-                parsed = _parse_answer(data, items, ep.shown, self.top_logprobs)
+                try:
+                    parsed = parse_answer(data, items, self.top_logprobs)
+                except BadAnswer as e:
+                    raise _bad(ep.shown, e) from None
             except _AttemptFailed as e:
                 self._counts[f"failures_{e.kind}"] += 1
                 if e.kind != "4xx" and e.kind != "bad_response":
-                    self._mark_failed(ep)
+                    self.pool.mark_failed(ep)
                 first_failure = time.perf_counter() if first_failure is None else first_failure
                 retryable = e.retryable or (e.kind == "bad_response" and self.retry_bad_responses)
                 if not retryable:
@@ -793,13 +752,11 @@ class TeacherClient:
                 if delay is None:
                     raise self._give_up(e, items, attempts, tried, t0, why) from None
                 # Fail over at once when another healthy endpoint exists; back off otherwise.
-                now = time.monotonic()
-                if not any(x.cooldown_until <= now and x.url not in tried for x in self._endpoints):
+                if not self.pool.has_fresh(tried):
                     logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.shown, e, attempts, delay)
                     await asyncio.sleep(delay)
                 continue
-            ep.consecutive_failures = 0
-            ep.cooldown_until = 0.0
+            self.pool.mark_ok(ep)
             latency = time.perf_counter() - t0
             self._latencies.append(latency)
             self._counts["sequences"] += len(items)
@@ -945,6 +902,16 @@ def _ssl_option(ca_bundle: str | None, verify_tls: bool) -> Any:
         ) from None
 
 
+def _bad(url: str, e: BadAnswer) -> _AttemptFailed:
+    where = "the answer" if e.n_items == 1 else f"answer item {e.index}"
+    return _AttemptFailed(
+        "bad_response",
+        f"teacher {url} returned an invalid scoring answer ({where}): {e.what}. "
+        "Is this an SGLang /generate endpoint started without --allow-auto-truncate?",
+        False,
+    )
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -952,115 +919,6 @@ def _retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
-
-
-def _bad(url: str, index: int, n_items: int, what: str) -> _AttemptFailed:
-    where = "the answer" if n_items == 1 else f"answer item {index}"
-    return _AttemptFailed(
-        "bad_response",
-        f"teacher {url} returned an invalid scoring answer ({where}): {what}. "
-        "Is this an SGLang /generate endpoint started without --allow-auto-truncate?",
-        False,
-    )
-
-
-def _parse_answer(
-    data: Any, items: list[tuple[list[int], int]], url: str, top_k: int
-) -> list[tuple[np.ndarray, list | None]]:
-    """Validate a decoded ``/generate`` answer for ``items`` and extract the response log-probs."""
-    n = len(items)
-    if n == 1:
-        if isinstance(data, list) and len(data) == 1:
-            data = data[0]
-        objs = [data]
-    else:
-        if not isinstance(data, list):
-            raise _bad(
-                url, 0, n, f"expected a JSON array of {n} objects for a batch, got {type(data).__name__}"
-            )
-        if len(data) != n:
-            raise _bad(url, 0, n, f"batch answer has {len(data)} items, {n} sequences were sent")
-        objs = data
-    out = []
-    for i, (obj, (ids, rs)) in enumerate(zip(objs, items, strict=True)):
-        try:
-            out.append(_parse_item(obj, ids, rs, top_k))
-        except _ItemError as e:
-            raise _bad(url, i, n, str(e)) from None
-        except (TypeError, ValueError, KeyError, IndexError) as e:
-            raise _bad(url, i, n, f"malformed entry ({type(e).__name__}: {e})") from None
-    return out
-
-
-class _ItemError(Exception):
-    pass
-
-
-def _check_lps(lps: np.ndarray, raw: list, what: str) -> None:
-    """Every value finite and <= 0. ``np.array([None], float)`` is nan, so nulls are caught here too."""
-    bad = ~np.isfinite(lps) | (lps > LOGPROB_EPS)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        got = "null" if raw[j] is None else repr(raw[j])
-        raise _ItemError(f"{what} {j} is {got}; log-probs must be finite numbers <= 0")
-
-
-def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
-        raise _ItemError(f"expected an object with 'meta_info', got {str(obj)[:120]!r}")
-    meta = obj["meta_info"]
-    L = len(ids)
-    start = rs - 1
-    pt = meta.get("prompt_tokens")
-    if pt != L:
-        raise _ItemError(
-            f"meta_info.prompt_tokens={pt!r} but {L} input ids were sent (the server truncated or changed "
-            "the input; never run a teacher with --allow-auto-truncate)"
-        )
-    itl = meta.get("input_token_logprobs")
-    if not isinstance(itl, list):
-        raise _ItemError("meta_info.input_token_logprobs is missing (was return_logprob ignored?)")
-    if len(itl) != L - start:
-        raise _ItemError(
-            f"len(input_token_logprobs)={len(itl)} but prompt_tokens - logprob_start_len = "
-            f"{L} - {start} = {L - start}"
-        )
-    if itl[0][0] is not None:
-        raise _ItemError(
-            f"the leading input_token_logprobs entry should have a null logprob, got {itl[0][0]!r}"
-        )
-    echoed = [e[1] for e in itl]
-    if echoed != ids[start:]:
-        j = next(
-            (k for k, (a, b) in enumerate(zip(echoed, ids[start:], strict=False)) if a != b),
-            min(len(echoed), L - start),
-        )
-        got = echoed[j] if j < len(echoed) else None
-        raise _ItemError(f"echoed token id at position {start + j} is {got!r}, sent {ids[start + j]}")
-    vals = [e[0] for e in itl[1:]]
-    try:
-        lps = np.array(vals, dtype=np.float64)
-    except (TypeError, ValueError):
-        j = next(k for k, v in enumerate(vals) if not isinstance(v, (int, float)) or isinstance(v, bool))
-        raise _ItemError(f"logprob at response offset {j} is {vals[j]!r}, expected a number") from None
-    _check_lps(lps, vals, "logprob at response offset")
-    top = None
-    if top_k > 0:
-        itop = meta.get("input_top_logprobs")
-        if not isinstance(itop, list) or len(itop) != len(itl):
-            got = len(itop) if isinstance(itop, list) else type(itop).__name__
-            raise _ItemError(
-                f"input_top_logprobs has {got} entries, expected {len(itl)} (top_logprobs_num={top_k})"
-            )
-        top = []
-        for j, entry in enumerate(itop[1:]):
-            if not isinstance(entry, list) or not 1 <= len(entry) <= top_k:
-                raise _ItemError(f"input_top_logprobs at response offset {j} should list 1..{top_k} entries")
-            t_raw = [e[0] for e in entry]
-            t_lps = np.array(t_raw, dtype=np.float64)
-            _check_lps(t_lps, t_raw, f"top-k logprob at response offset {j}, rank")
-            top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
-    return lps.astype(np.float32), top
 
 
 # ---------------------------------------------------------------------- sync wrapper
