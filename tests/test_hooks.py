@@ -649,3 +649,9 @@ def test_url_credentials_never_reach_logs_or_sample_errors(caplog):
     assert "hunter22" not in str(info.value) and "http://***@127.0.0.1" in str(info.value)
     assert all("hunter22" not in s.metadata["xvocab"]["error"] for s in samples)
     assert "hunter22" not in caplog.text and "***@127.0.0.1" in caplog.text
+
+
+def test_bad_tokenizer_path_is_a_config_error_at_the_first_call(teacher):
+    args = xargs(teacher.url, xvocab_teacher_tokenizer="/nonexistent/teacher-tokenizer")
+    with pytest.raises(ConfigError, match=r"could not load the teacher tokenizer .*xvocab_teacher_tokenizer"):
+        run_rollout(args, rollout(Sample, 2))

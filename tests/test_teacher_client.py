@@ -676,3 +676,65 @@ def test_url_credentials_never_appear_in_errors_stats_or_scores(server):
         with pytest.raises(TeacherUnavailable) as ei:
             c.score(IDS, 5)
     assert "hunter22" not in str(ei.value)
+
+
+# ---------------------------------------------------------------------------- TLS: a private CA
+
+
+def _make_ca_and_server_cert(tmp_path):
+    """A throwaway CA and a 127.0.0.1 server certificate it signs (openssl, nothing leaves tmp_path)."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca_pem = tmp_path / "ca.key", tmp_path / "ca.pem"
+    key, csr, pem, ext = tmp_path / "srv.key", tmp_path / "srv.csr", tmp_path / "srv.pem", tmp_path / "ext.cnf"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=xvocab test CA",
+        "-keyout", str(ca_key), "-out", str(ca_pem))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "1",
+        "-extfile", str(ext), "-out", str(pem))
+    return ca_pem, pem, key
+
+
+def test_https_teacher_behind_a_private_ca(tmp_path):
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_pem, cert, key = _make_ca_and_server_cert(tmp_path)
+    server = FaultServer()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(cert), str(key))
+        tls = TLSServer(server, ctx)
+        with client(tls.url, max_retries=0, ca_bundle=str(ca_pem)) as c:
+            np.testing.assert_allclose(c.score(IDS, 5).log_probs, expected_lps(IDS, 5), atol=1e-6)
+        with client(tls.url, max_retries=0) as c:  # the system store does not know the private CA
+            with pytest.raises(TeacherUnavailable, match="(?i)certificate|ssl"):
+                c.score(IDS, 5)
+        with client(tls.url, max_retries=0, verify_tls=False) as c:
+            assert c.score(IDS, 5).attempts == 1
+        tls.close()
+    finally:
+        server.close()
+
+
+class TLSServer:
+    """An https front for a FaultServer's app: the same handlers on a second, TLS-wrapped site."""
+
+    def __init__(self, fault: FaultServer, ctx) -> None:
+        async def start():
+            site = web.TCPSite(fault._runner, "127.0.0.1", 0, ssl_context=ctx)
+            await site.start()
+            return site
+
+        self.site = asyncio.run_coroutine_threadsafe(start(), fault._loop).result(10)
+        self._loop = fault._loop
+        self.url = f"https://127.0.0.1:{self.site._server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.site.stop(), self._loop).result(10)
