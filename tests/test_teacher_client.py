@@ -738,3 +738,11 @@ class TLSServer:
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.site.stop(), self._loop).result(10)
+
+
+def test_retry_after_as_seconds_or_http_date():
+    from slime_xvocab.teacher_client import _retry_after
+
+    assert _retry_after("2.5") == 2.5 and _retry_after("-1") == 0.0 and _retry_after(None) is None
+    assert _retry_after("Wed, 21 Oct 2026 07:28:10 GMT", now=1792567680.0) == pytest.approx(10.0)
+    assert _retry_after("soon") is None
