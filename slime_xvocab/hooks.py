@@ -58,7 +58,7 @@ from .alignment import PREFIX_TOP_K, Alignment, Unaligned, assign_credit, prefix
 from .config import XVocabConfig
 from .errors import ByteMismatchError, ConfigError, SampleError, TeacherError, XVocabError
 from .metrics import compute_post_process_metrics, compute_rollout_metrics, failure_reason, sample_stats
-from .urls import redact_url
+from .urls import redact_text, redact_url
 
 __all__ = [
     "reward_func",
@@ -506,7 +506,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             attempts=getattr(exc, "attempts", 0),
             failure=failure_reason(exc),
         )
-        error = f"{type(exc).__name__}: {redact_url(str(exc))}"
+        error = f"{type(exc).__name__}: {redact_text(str(exc), (config.api_key,))}"
         runtime.failures_logged += 1
         if runtime.failures_logged <= _LOG_FIRST_FAILURES or runtime.failures_logged % 100 == 0:
             logger.warning(
