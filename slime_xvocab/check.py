@@ -638,7 +638,9 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-async def teacher_info(url: str, *, timeout_s: float, api_key: str | None) -> dict[str, Any]:
+async def teacher_info(
+    url: str, *, timeout_s: float, api_key: str | None, ca_bundle: str | None = None
+) -> dict[str, Any]:
     """Health, ``/model_info`` and ``/server_info`` of the teacher; failures are counted, never raised."""
     from .teacher_client import TeacherClient
 
@@ -650,7 +652,9 @@ async def teacher_info(url: str, *, timeout_s: float, api_key: str | None) -> di
         "errors": 0,
         "error_messages": [],
     }
-    async with TeacherClient(url, timeout_s=timeout_s, max_retries=1, api_key=api_key) as client:
+    async with TeacherClient(
+        url, timeout_s=timeout_s, max_retries=1, api_key=api_key, ca_bundle=ca_bundle
+    ) as client:
         health = await client.health()
         out["healthy"] = bool(health) and all(health.values())
         if not out["healthy"]:
@@ -673,6 +677,7 @@ async def probe_scores(
     timeout_s: float,
     api_key: str | None,
     repeats: int = 2,
+    ca_bundle: str | None = None,
 ) -> dict[str, Any]:
     """Score every item ``repeats`` times, one call at a time.
 
@@ -688,7 +693,9 @@ async def probe_scores(
     diffs: list[float] = []
     firsts: list[np.ndarray] = []
     errors, bad, messages = 0, 0, []
-    async with TeacherClient(url, timeout_s=timeout_s, max_retries=1, api_key=api_key) as client:
+    async with TeacherClient(
+        url, timeout_s=timeout_s, max_retries=1, api_key=api_key, ca_bundle=ca_bundle
+    ) as client:
         for ids, start in items:
             runs = []
             for _ in range(repeats):
@@ -1111,6 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"teacher API key (default: ${API_KEY_ENV}, the variable the hooks read; never printed)",
     )
+    p.add_argument(
+        "--ca-bundle",
+        default=None,
+        help="PEM file of the CA(s) that sign an https teacher's certificate (xvocab_ca_bundle)",
+    )
     p.add_argument("--teacher-timeout", type=float, default=60.0, help="seconds per teacher request (default 60)")
     p.add_argument("--probe-samples", type=int, default=8, help="samples scored twice by the probe (default 8)")
     p.add_argument(
@@ -1258,7 +1270,11 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
         args.api_key = env_api_key()
     if args.teacher_url:
         try:
-            probe = asyncio.run(teacher_info(args.teacher_url, timeout_s=args.teacher_timeout, api_key=args.api_key))
+            probe = asyncio.run(
+                teacher_info(
+                    args.teacher_url, timeout_s=args.teacher_timeout, api_key=args.api_key, ca_bundle=args.ca_bundle
+                )
+            )
         except ValueError as e:  # a malformed URL
             raise InputError(f"--teacher-url: {e}") from None
         server_limit = (probe.get("server_info") or {}).get("max_req_input_len")
@@ -1332,7 +1348,9 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
             if r.view is not None and r.teacher_tokens > 0
         ]
         scores = asyncio.run(
-            probe_scores(args.teacher_url, items, timeout_s=args.teacher_timeout, api_key=args.api_key)
+            probe_scores(
+                args.teacher_url, items, timeout_s=args.teacher_timeout, api_key=args.api_key, ca_bundle=args.ca_bundle
+            )
         )
         probe["errors"] += scores.pop("errors")
         probe["error_messages"] += scores.pop("error_messages")
