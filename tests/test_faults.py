@@ -11,7 +11,7 @@ It counts what it saw. For every scenario:
   that kind, ``failures/<reason>`` + ``fallback_samples`` = samples that fell back.
 
 Bounded: 8 samples per scenario, retry budgets of a few seconds, one teacher subprocess for the module
-(stopped by its handle). ``XVOCAB_FAULT_TABLE=path`` writes the markdown table of docs/troubleshooting.md.
+(stopped by its handle). ``SLIME_XVOCAB_FAULT_TABLE=path`` writes the markdown table of docs/troubleshooting.md.
 """
 
 from __future__ import annotations
@@ -148,7 +148,8 @@ class Scenario:
 SCENARIOS = [
     Scenario("no fault", what="scored"),
     Scenario("500 burst (first 6 requests)", plan=["500"] * 6, what="retried, all scored"),
-    Scenario("503 outage of 1.5 s", outage_s=1.5, what="ridden through within xvocab_retry_budget_s"),
+    Scenario("503 outage of 4 s (the blip that stopped training)", outage_s=4.0,
+             what="ridden through within xvocab_retry_budget_s"),
     Scenario(
         "teacher down for good (503)", outage_s=60.0, overrides={"xvocab_retry_budget_s": 1.0},
         expect_failed=N_SAMPLES, expect_reason="teacher_unavailable",
@@ -257,8 +258,8 @@ def test_fault(sc: Scenario, proxy, baseline, caplog):
     if len(RESULTS) == len(SCENARIOS):
         table = fault_table(RESULTS)
         print("\n" + table)
-        if os.environ.get("XVOCAB_FAULT_TABLE"):
-            with open(os.environ["XVOCAB_FAULT_TABLE"], "w") as f:
+        if os.environ.get("SLIME_XVOCAB_FAULT_TABLE"):
+            with open(os.environ["SLIME_XVOCAB_FAULT_TABLE"], "w") as f:
                 f.write(table)
 
 
