@@ -34,8 +34,18 @@ from typing import Any
 from .credit import CHUNK_SPLITS, CREDIT_MODES, DEFAULT_TOP_K
 from .errors import ConfigError
 from .teacher_view import PROMPT_FORMATS, SYSTEM_PROMPT_POLICIES
+from .urls import check_url, has_credentials, is_loopback, redact_url
 
-__all__ = ["XVocabConfig", "fields_reference", "reference_markdown", "ARG_PREFIX", "ENV_PREFIX", "FALLBACKS"]
+__all__ = [
+    "XVocabConfig",
+    "fields_reference",
+    "reference_markdown",
+    "ARG_PREFIX",
+    "ENV_PREFIX",
+    "FALLBACKS",
+    "API_KEY_ENV",
+    "OLD_API_KEY_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,12 @@ ARG_PREFIX = "xvocab_"
 ENV_PREFIX = "XVOCAB_"
 FALLBACKS = ("student", "error")
 UNSCORED_POLICIES = ("keep", "mask")
+#: The one environment variable for the teacher API key (hooks, ``check``, ``serve-teacher``).
+API_KEY_ENV = "XVOCAB_API_KEY"
+#: Its old name (read by ``check`` before 0.2); still accepted, with a deprecation warning.
+OLD_API_KEY_ENV = "SLIME_XVOCAB_TEACHER_API_KEY"
+#: Settings whose values are never printed (logs, errors, ``to_dict``).
+SECRET_FIELDS = frozenset({"api_key"})
 
 
 def _opt(
@@ -90,7 +106,8 @@ class XVocabConfig:
     api_key: str | None = _opt(
         None,
         "Sent as `Authorization: Bearer <key>` (SGLang `--api-key`). Prefer the XVOCAB_API_KEY environment "
-        "variable to keep it out of files; never logged.",
+        "variable (the hooks and `check` read it; the old SLIME_XVOCAB_TEACHER_API_KEY still works, with a "
+        "deprecation warning): slime prints YAML keys with its arguments. Never logged by the plugin.",
         "opt_str",
     )
     credit_mode: str = _opt(
@@ -178,8 +195,21 @@ class XVocabConfig:
     timeout_s: float = _opt(
         120.0, "Per-attempt HTTP timeout for one teacher request, seconds.", "float", minimum=1e-3
     )
-    max_retries: int = _opt(
-        3, "Retries after the first attempt (connection errors, timeouts, 5xx, 408, 429).", "int", minimum=0
+    retry_budget_s: float = _opt(
+        60.0,
+        "How long a teacher request keeps being retried after its first failure (connection errors, timeouts, "
+        "5xx, 408, 429), seconds: exponential backoff with full jitter (at most 8 s per sleep), longer when "
+        "the server sends Retry-After. The default rides through a router failover or a replica restart; 0 "
+        "disables retries.",
+        "float",
+        minimum=0.0,
+    )
+    max_retries: int | None = _opt(
+        None,
+        "Optional cap on retries per teacher request, on top of xvocab_retry_budget_s (which alone bounds "
+        "them by default). Deprecated as the main knob: set xvocab_retry_budget_s.",
+        "opt_int",
+        minimum=0,
     )
     max_concurrency: int = _opt(
         32,
@@ -238,6 +268,22 @@ class XVocabConfig:
         "opt_float",
         minimum=1e-6,
     )
+    ca_bundle: str | None = _opt(
+        None,
+        "PEM file of the CA(s) that sign an https teacher's certificate (a private CA). Default: the system "
+        "store (and SSL_CERT_FILE).",
+        "opt_str",
+    )
+    verify_tls: bool = _opt(
+        True, "Verify the certificate of an https teacher. false is for testing only (warns).", "bool"
+    )
+    startup_probe: bool = _opt(
+        True,
+        "On the first reward call, check once per process that the teacher answers /health_generate and that "
+        "its vocabulary and context length fit the teacher tokenizer and xvocab_max_teacher_tokens; stop with "
+        "one clear error otherwise (instead of a rollout of fallbacks).",
+        "bool",
+    )
     trust_remote_code: bool = _opt(
         True, "Passed to `AutoTokenizer.from_pretrained` for both tokenizers (slime loads with True).", "bool"
     )
@@ -274,6 +320,11 @@ class XVocabConfig:
                 problems.append(f"unknown key {key!r}{_did_you_mean(key, [ARG_PREFIX + n for n in _FIELDS])}")
             elif value is not None:
                 raw[name] = (value, key)
+        if environ.get(OLD_API_KEY_ENV) and not environ.get(API_KEY_ENV) and "api_key" not in raw:
+            message = f"{OLD_API_KEY_ENV} is deprecated: set {API_KEY_ENV} (read by the hooks and `check` alike)"
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            logger.warning(message)
+            raw["api_key"] = (environ[OLD_API_KEY_ENV], f"{OLD_API_KEY_ENV} (environment)")
         for key, text in environ.items():
             if not key.startswith(ENV_PREFIX):
                 continue
@@ -285,7 +336,7 @@ class XVocabConfig:
             try:
                 raw[name] = (_parse_env(text, _FIELDS[name].metadata["kind"]), f"{key} (environment)")
             except ValueError as exc:
-                problems.append(f"{key} (environment) = {text!r}: {exc}")
+                problems.append(f"{key} (environment) = {_shown(name, text)}: {exc}")
 
         values: dict[str, Any] = {}
         for name, (value, where) in raw.items():
@@ -294,7 +345,7 @@ class XVocabConfig:
             try:
                 values[name] = _coerce(value, _FIELDS[name].metadata)
             except ValueError as exc:
-                problems.append(f"{where} = {value!r}: {exc}")
+                problems.append(f"{where} = {_shown(name, value)}: {exc}")
 
         if "teacher_urls" not in raw and getattr(args, "rm_url", None):
             values["teacher_urls"] = _coerce(args.rm_url, _FIELDS["teacher_urls"].metadata)
@@ -305,6 +356,7 @@ class XVocabConfig:
             values["student_tokenizer"] = str(args.hf_checkpoint)
         problems += _check_required(values)
         problems += _check_combinations(values, args)
+        problems += _check_transport(values)
         if problems:
             raise ConfigError(
                 f"slime-xvocab configuration has {len(problems)} problem(s):\n"
@@ -315,17 +367,22 @@ class XVocabConfig:
             )
         config = cls(**values)
         if warn:
-            for message in _warnings(config, args):
+            from_args = "api_key" in raw and raw["api_key"][1] == ARG_PREFIX + "api_key"
+            for message in _warnings(config, args) + _transport_warnings(config, key_from_args=from_args):
                 warnings.warn(message, stacklevel=2)
                 logger.warning(message)
         return config
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
-        """Plain dict of every setting (for run logs); the API key reads ``"***"`` unless ``redact=False``."""
+        """Plain dict of every setting (for run logs). Unless ``redact=False`` the API key reads ``"***"`` and
+        URL credentials ``***@``."""
         out = dataclasses.asdict(self)
         out["teacher_urls"] = list(self.teacher_urls)
-        if redact and out.get("api_key"):
-            out["api_key"] = "***"
+        if redact:
+            out["teacher_urls"] = [redact_url(u) for u in self.teacher_urls]
+            for name in SECRET_FIELDS:
+                if out.get(name):
+                    out[name] = "***"
         return out
 
     def __repr__(self) -> str:
@@ -346,6 +403,13 @@ def _did_you_mean(key: str, options: list[str]) -> str:
         if close
         else " (not a slime-xvocab setting; see docs/configuration.md)"
     )
+
+
+def _shown(name: str, value: Any) -> str:
+    """How a rejected value appears in a ConfigError: secrets never, URLs without credentials."""
+    if name in SECRET_FIELDS:
+        return f"<redacted {type(value).__name__}>"
+    return redact_url(repr(value))
 
 
 def _parse_env(text: str, kind: str) -> Any:
@@ -405,9 +469,10 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(u, str) for u in items):
             raise ValueError("must be a URL or a list of URLs")
         items = [u.strip() for u in items if u.strip()]
-        bad = [u for u in items if not u.startswith(("http://", "https://"))]
-        if bad:
-            raise ValueError(f"{bad[0]!r} must start with http:// or https:// (e.g. http://127.0.0.1:30000)")
+        for u in items:
+            problem = check_url(u)
+            if problem is not None:
+                raise ValueError(problem)
         return tuple(items)
     if kind == "dict":
         if not isinstance(value, dict):
@@ -485,6 +550,47 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
             "--opd-type sglang (megatron OPD needs a same-architecture teacher)"
         )
     return problems
+
+
+def _check_transport(values: Mapping[str, Any]) -> list[str]:
+    """Credentials and TLS settings that would fail at the first request: report them now."""
+    problems = []
+    urls = values.get("teacher_urls") or ()
+    if values.get("api_key") and any(has_credentials(u) for u in urls):
+        problems.append(
+            "xvocab_teacher_urls carries user:password@ and xvocab_api_key is set too: an HTTP request can "
+            "carry only one Authorization header; keep one"
+        )
+    bundle = values.get("ca_bundle")
+    if bundle:
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(
+                f"xvocab_ca_bundle={bundle!r} cannot be used ({type(exc).__name__}: {exc}); give a readable PEM "
+                "file of CA certificates"
+            )
+    return problems
+
+
+def _transport_warnings(config: XVocabConfig, *, key_from_args: bool) -> list[str]:
+    out = []
+    plain = [u for u in config.teacher_urls if u.lower().startswith("http://") and not is_loopback(u)]
+    if plain and (config.api_key or any(has_credentials(u) for u in plain)):
+        out.append(
+            f"teacher credentials go in clear text over plain http to {redact_url(plain[0])}: use https:// "
+            "(xvocab_ca_bundle for a private CA) or keep the teacher on a private network"
+        )
+    if key_from_args:
+        out.append(
+            f"xvocab_api_key is set in the YAML / flags, which slime prints with its arguments at start-up; set "
+            f"the {API_KEY_ENV} environment variable instead"
+        )
+    if not config.verify_tls:
+        out.append("xvocab_verify_tls is false: the teacher's certificate is not checked (testing only)")
+    return out
 
 
 def _warnings(config: XVocabConfig, args: Any) -> list[str]:

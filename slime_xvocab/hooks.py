@@ -61,7 +61,8 @@ from .alignment import Alignment, Unaligned
 from .config import XVocabConfig
 from .credit import CreditResult, assign_credit, student_extensions, student_token_credit
 from .errors import ByteMismatchError, ConfigError, NonFiniteCreditError, SampleError, TeacherError, XVocabError
-from .metrics import compute_post_process_metrics, compute_rollout_metrics, sample_stats
+from .metrics import compute_post_process_metrics, compute_rollout_metrics, failure_reason, sample_stats
+from .urls import redact_text, redact_url
 
 __all__ = [
     "reward_func",
@@ -102,6 +103,7 @@ class _Runtime:
     extensions: Any = None  # credit.StudentExtensions of the student tokenizer (student_token credit)
     failures_logged: int = 0
     temperature_checked: bool = False
+    probe: Any = None  # (event loop, asyncio.Task) of the start-up probe, once per runtime
 
 
 _LOCK = threading.Lock()
@@ -248,6 +250,9 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         api_key=config.api_key,
         timeout_s=config.timeout_s,
         max_retries=config.max_retries,
+        retry_budget_s=config.retry_budget_s,
+        ca_bundle=config.ca_bundle,
+        verify_tls=config.verify_tls,
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
         top_logprobs=config.top_k if student_token else 0,
@@ -263,7 +268,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         config.student_tokenizer,
         config.teacher_tokenizer,
         "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
-        ", ".join(client.urls),
+        ", ".join(redact_url(u) for u in client.urls),
     )
     return _Runtime(config, builder, client, inner_args, extensions)
 
@@ -419,10 +424,35 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
         runtime = _cached(_RUNTIMES, args)
         return await _inner_reward(args, sample, config, runtime, kwargs, evaluation=True)
     runtime = _cached(_RUNTIMES, args) or await asyncio.to_thread(_runtime, args)
+    await _startup_probe(runtime)
     _, reward = await asyncio.gather(
         _score_sample(runtime, sample), _inner_reward(args, sample, config, runtime, kwargs)
     )
     return reward
+
+
+async def _startup_probe(runtime: _Runtime) -> None:
+    """:func:`~slime_xvocab.probe.probe_teacher` once per runtime (every caller awaits the same task, so a
+    failed probe raises the same error for every sample of the first rollout)."""
+    if not runtime.config.startup_probe:
+        return
+    loop = asyncio.get_running_loop()
+    if runtime.probe is None or runtime.probe[0] is not loop:
+        if runtime.probe is not None and runtime.probe[1].done():
+            runtime.probe[1].result()  # probed on another loop already: re-raise its error, or pass
+            return
+        from .probe import probe_teacher
+
+        task = loop.create_task(
+            probe_teacher(
+                runtime.client,
+                teacher_vocab_size=len(runtime.builder.teacher_tokenizer),
+                max_teacher_tokens=runtime.config.max_teacher_tokens,
+                wait_s=runtime.config.retry_budget_s,
+            )
+        )
+        runtime.probe = (loop, task)
+    await asyncio.shield(runtime.probe[1])
 
 
 async def _score_sample(runtime: _Runtime, sample: Any) -> None:
@@ -440,8 +470,9 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             evaluation=False,
         )
         return
-    student = _student_log_probs(sample, n, sid)
+    student = None
     try:
+        student = _student_log_probs(sample, n, sid)
         view = await asyncio.to_thread(_build_view, runtime, sample, n, sid)
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
@@ -472,12 +503,16 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             teacher_truncated_tokens=view.teacher_truncated_tokens,
         )
         error = None
-    except (TeacherError, SampleError) as exc:
+    except ConfigError:
+        raise  # a configuration problem is one start-up error, not a fallback per sample
+    except Exception as exc:  # every other failure is a counted fallback with its reason
         if config.fallback == "error":
-            raise type(exc)(
-                f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
-                "student to train on with the student's own log-probs for such samples)"
-            ) from exc
+            if isinstance(exc, (TeacherError, SampleError)):
+                raise type(exc)(
+                    f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
+                    "student to train on with the student's own log-probs for such samples)"
+                ) from exc
+            raise
         if isinstance(exc, NonFiniteCreditError):
             reason = Unaligned.NON_FINITE
         elif isinstance(exc, ByteMismatchError):
@@ -486,10 +521,17 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             reason = Unaligned.INVALID_SAMPLE
         else:
             reason = Unaligned.TEACHER_FAILED
-        values = student
+        # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
+        values = student if student is not None else np.zeros(n)
         scored = np.zeros(n, dtype=bool)
-        stats = sample_stats(Alignment.unaligned(n, reason).stats().as_dict(), failed=True)
-        error = f"{type(exc).__name__}: {exc}"
+        stats = sample_stats(
+            Alignment.unaligned(n, reason).stats().as_dict(),
+            failed=True,
+            latency_s=getattr(exc, "latency_s", 0.0),
+            attempts=getattr(exc, "attempts", 0),
+            failure=failure_reason(exc),
+        )
+        error = f"{type(exc).__name__}: {redact_text(str(exc), (config.api_key,))}"
         runtime.failures_logged += 1
         if runtime.failures_logged <= _LOG_FIRST_FAILURES or runtime.failures_logged % 100 == 0:
             logger.warning(
@@ -497,6 +539,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
                 sid,
                 runtime.failures_logged,
                 error,
+                exc_info=not isinstance(exc, XVocabError),  # an unexpected exception: keep its traceback
             )
     sample.teacher_log_probs = _to_tensor(values)
     if config.unscored == "mask":
@@ -767,7 +810,8 @@ def _too_many_failures(config: XVocabConfig, flat: list, fallbacks: list) -> XVo
         f"{len(fallbacks)} of {len(flat)} samples could not be scored by the teacher "
         f"(> xvocab_max_failed_fraction={config.max_failed_fraction}); by cause: {dict(reasons)}. "
         "First ones:\n"
-        f"{examples}\nCheck the teacher at {', '.join(config.teacher_urls)} (curl <url>/health_generate), "
+        f"{examples}\nCheck the teacher at {', '.join(map(redact_url, config.teacher_urls))} "
+        "(curl <url>/health_generate), "
         "the messages in sample.metadata, or raise xvocab_max_failed_fraction (1.0 never stops)."
     )
 

@@ -677,13 +677,23 @@ def cli_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    tm = TeacherModel(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        context_length=args.context_length,
-        max_batch_tokens=args.max_batch_tokens,
-    )
+    problem = _model_dir_problem(args.model)
+    if problem is not None:
+        print(f"slime-xvocab serve-teacher: {problem}", file=sys.stderr)
+        return 2
+    try:
+        tm = TeacherModel(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            context_length=args.context_length,
+            max_batch_tokens=args.max_batch_tokens,
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable weights, unknown architecture, bad device
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"slime-xvocab serve-teacher: cannot load the model from {args.model!r}: {type(e).__name__}: {first}",
+              file=sys.stderr)
+        return 1
     app = make_app(
         tm, api_key=args.api_key, host=args.host, port=args.port,
         input_logprob_temperature=args.input_logprob_temperature,
@@ -700,6 +710,21 @@ def cli_main(argv: list[str]) -> int:
     )
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handle_signals=True)
     return 0
+
+
+def _model_dir_problem(model: str) -> str | None:
+    """What is wrong with ``--model`` before anything is imported (None: a directory with a config.json)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return (
+            f"--model {model!r}: no such directory. Give a local Hugging Face model directory (config.json + "
+            "weights), e.g. one downloaded with `huggingface-cli download <org/name> --local-dir DIR`"
+        )
+    if not path.is_dir():
+        return f"--model {model!r} is a file; give the model directory that holds it"
+    if not (path / "config.json").is_file():
+        return f"--model {model!r} has no config.json: it is not a Hugging Face model directory"
+    return None
 
 
 # ---------------------------------------------------------------------- subprocess helper

@@ -29,10 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -172,6 +174,44 @@ def validate_messages(messages, *, sample_id=None, field: str = "messages") -> l
                 f"got {type(content).__name__}. {fix}"
             )
     return list(messages)
+
+
+#: Roles every chat template is written for; others count only when the template names them.
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def template_roles(template: Any) -> set[str]:
+    """The roles a chat template handles: the standard ones plus every other role it names in quotes
+    (e.g. Llama-3.1's ``'ipython'``); a template that names none of them (or no template) gets the standard set."""
+    text = template if isinstance(template, str) else ""
+    if isinstance(template, Mapping):  # named templates: {"default": ..., "tool_use": ...}
+        text = "\n".join(str(t) for t in template.values())
+    elif isinstance(template, list):
+        text = "\n".join(str(t.get("template", "")) for t in template if isinstance(t, Mapping))
+    named = set(re.findall(r"""role['"]?\]?\s*==\s*['"]([A-Za-z_][\w-]*)['"]""", text))
+    return set(STANDARD_ROLES) | named
+
+
+def check_roles(messages: Sequence[Mapping], template: Any, *, sample_id=None) -> None:
+    """Raise a SampleError for a role the teacher template does not handle, or a prompt without a user turn.
+
+    Some templates render any role as a header (Llama-3.1) and would score ``"robot"`` silently; others
+    reject it (Gemma-3). Both get the same clear error here, naming the sample, the message and the role.
+    """
+    handled = template_roles(template)
+    for k, message in enumerate(messages):
+        role = message.get("role")
+        if role not in handled:
+            raise SampleError(
+                f"{_where(sample_id)}messages[{k}] has role {role!r}, which the teacher's chat template does "
+                f"not handle (it handles: {', '.join(sorted(handled))}); map it to one of those in the data"
+            )
+    if not any(m.get("role") == "user" for m in messages):
+        roles = [m.get("role") for m in messages]
+        raise SampleError(
+            f"{_where(sample_id)}the prompt has no 'user' message (roles {roles}); the teacher's chat template "
+            "needs a user turn before the response"
+        )
 
 
 def get_path(metadata: Mapping, key: str):
@@ -487,6 +527,7 @@ class TeacherViewBuilder:
                     )
                 parts.append(self.completion_template.format(role=m["role"], content=content))
             return "".join(parts)
+        check_roles(messages, getattr(self.teacher_tokenizer, "chat_template", None), sample_id=sample_id)
         kwargs = dict(self.template_kwargs)
         if tools is not None:
             kwargs["tools"] = tools

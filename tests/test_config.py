@@ -210,3 +210,58 @@ def test_example_yaml_files_are_valid_and_comment_every_key():
                 assert j > 0 and lines[j - 1].startswith("#"), f"{path}: {line!r} has no comment above it"
         for entry in fields_reference():  # every setting appears, set or commented out
             assert re.search(rf"^(# )?{entry['key']}:", path.read_text(), re.M), f"{path}: {entry['key']}"
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+def test_bad_teacher_urls_are_config_errors_naming_the_key():
+    with pytest.raises(ConfigError, match=r"xvocab_teacher_urls = .*port 99999 is out of range") as ei:
+        build(xvocab_teacher_urls="http://127.0.0.1:99999")
+    assert "xvocab_teacher_urls" in str(ei.value)
+    with pytest.raises(ConfigError, match=r"user:password@ and xvocab_api_key is set too") as ei:
+        build(xvocab_teacher_urls="http://bob:hunter22@10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    assert "hunter22" not in str(ei.value) and "sk-abcdef" not in str(ei.value)
+    with pytest.raises(ConfigError, match="xvocab_ca_bundle='/nonexistent.pem' cannot be used"):
+        build(xvocab_ca_bundle="/nonexistent.pem")
+
+
+def test_secrets_are_never_echoed():
+    with pytest.raises(ConfigError, match=r"xvocab_api_key = <redacted int>: must be a non-empty string") as ei:
+        build(xvocab_api_key=123456789)
+    assert "123456789" not in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        build(xvocab_teacher_urls=["http://bob:hunter22@h:1", "ftp://bob:hunter22@h:2"])
+    assert "hunter22" not in str(ei.value) and "***@" in str(ei.value)
+    config = build(xvocab_teacher_urls="http://bob:hunter22@10.0.0.7:30000")
+    assert "hunter22" not in repr(config) and config.to_dict()["teacher_urls"] == ["http://***@10.0.0.7:30000"]
+    assert config.to_dict(redact=False)["teacher_urls"] == ["http://bob:hunter22@10.0.0.7:30000"]
+
+
+def test_one_api_key_variable_and_the_old_name_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="SLIME_XVOCAB_TEACHER_API_KEY is deprecated: set XVOCAB_API_KEY"):
+        config = build(environ={"SLIME_XVOCAB_TEACHER_API_KEY": "sk-old-name"})
+    assert config.api_key == "sk-old-name"
+    assert build(environ={"SLIME_XVOCAB_TEACHER_API_KEY": "sk-old", "XVOCAB_API_KEY": "sk-new"}).api_key == "sk-new"
+
+
+def test_transport_warnings(recwarn):
+    build(xvocab_teacher_urls="http://10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    messages = [str(w.message) for w in recwarn]
+    assert any("clear text over plain http to http://10.0.0.7:30000" in m for m in messages)
+    recwarn.clear()
+    build(environ={"XVOCAB_API_KEY": "sk-abcdef"})  # loopback: no warning
+    build(xvocab_teacher_urls="https://10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    assert not [w for w in recwarn if "clear text" in str(w.message)]
+    build(xvocab_api_key="sk-in-yaml")
+    assert any("slime prints with its arguments" in str(w.message) for w in recwarn)
+    assert not any("sk-in-yaml" in str(w.message) for w in recwarn)
+
+
+def test_retry_budget_and_the_max_retries_cap():
+    config = build()
+    assert config.retry_budget_s == 60.0 and config.max_retries is None
+    config = build(environ={"XVOCAB_RETRY_BUDGET_S": "5", "XVOCAB_MAX_RETRIES": "2"})
+    assert config.retry_budget_s == 5.0 and config.max_retries == 2
+    with pytest.raises(ConfigError, match="xvocab_retry_budget_s = -1: must be >= 0"):
+        build(xvocab_retry_budget_s=-1)

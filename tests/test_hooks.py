@@ -320,7 +320,7 @@ def test_unscored_mask_takes_positions_without_a_teacher_value_out_of_the_loss(t
 
 
 def test_unscored_mask_covers_samples_that_fall_back(dead_url):
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0, xvocab_unscored="mask")
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0, xvocab_unscored="mask")
     samples = run_rollout(args, rollout(Sample))
     assert all(s.loss_mask == [0] * s.response_length for s in samples)
     late = rollout(Sample, 1)[0]  # never scored by the reward hook: the post-process fills and masks it
@@ -383,7 +383,7 @@ def test_evaluation_samples_never_reach_the_teacher(cls, dead_url):
 
     # Without an inner reward, eval gets 0.0; the sample hook's evaluation=False beats the heuristic.
     hooks.reset()
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0)
     train = rollout(cls, 1)
     train[0].custom_rm_path = "slime_xvocab.hooks.reward_func"
     run_rollout(args, train, evaluation=False)
@@ -429,7 +429,7 @@ def test_missing_messages_fall_back_and_are_counted(teacher, caplog):
 
 def test_dead_teacher_falls_back_to_student_log_probs(dead_url, caplog):
     caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0)
     samples = run_rollout(args, rollout(Sample))
     for s, adv in zip(samples, apply_opd_kl(args, samples), strict=True):
         assert s.metadata["xvocab"]["failed"] is True
@@ -443,7 +443,7 @@ def test_dead_teacher_falls_back_to_student_log_probs(dead_url, caplog):
 
 
 def test_dead_teacher_beyond_max_failed_fraction_stops_with_a_clear_error(dead_url):
-    args = xargs(dead_url, xvocab_max_failed_fraction=0.25)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=0.25)
     samples = run_rollout(args, rollout(Sample))
     with pytest.raises(TeacherError, match=r"4 of 4 samples could not be scored") as info:
         hooks.post_process_rewards(args, samples)
@@ -451,7 +451,7 @@ def test_dead_teacher_beyond_max_failed_fraction_stops_with_a_clear_error(dead_u
 
 
 def test_dead_teacher_with_fallback_error_raises_naming_the_sample(dead_url):
-    args = xargs(dead_url, xvocab_fallback="error")
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_fallback="error")
     with pytest.raises(TeacherError, match=r"(?s)sample \(group_index=0, index=0\).*xvocab_fallback=error"):
         run_rollout(args, rollout(Sample, 1))
 
@@ -685,3 +685,82 @@ def test_teacher_temperature_reaches_the_server_and_a_server_ignoring_it_is_warn
         r for r in caplog.records if r.name == "slime_xvocab.hooks" and "input_logprob_temperature" in r.getMessage()
     ]
     assert "http://old-sglang/generate" in record.getMessage() and "applied 1" in record.getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("bad", [None, "missing", "short"])
+def test_bad_rollout_log_probs_are_a_counted_fallback_not_a_crash(teacher, caplog, bad):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(teacher.url, xvocab_max_failed_fraction=1.0)
+    samples = rollout(Sample, 2)
+    broken = samples[0]
+    if bad == "short":
+        broken.rollout_log_probs = broken.rollout_log_probs[:-1]
+    elif bad == "missing":
+        del broken.rollout_log_probs
+    else:
+        broken.rollout_log_probs = None
+    samples = run_rollout(args, samples)
+    entry = samples[0].metadata["xvocab"]
+    assert entry["failed"] is True and "rollout_log_probs" in entry["error"] and "index=0" in entry["error"]
+    assert len(samples[0].teacher_log_probs) == samples[0].response_length
+    assert samples[1].metadata["xvocab"]["failed"] is False
+    hooks.log_rollout_data(0, args, samples, None, 0.0)
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/xvocab/failures/invalid_sample"] == 1 and metrics["rollout/xvocab/teacher_failures"] == 1
+    hooks.post_process_rewards(args, samples)
+    assert logged(caplog, "post-process")["rollout/xvocab/fallback_samples"] == 1
+    samples = rollout(Sample, 1)
+    samples[0].rollout_log_probs = None
+    with pytest.raises(SampleError, match=r"(?s)sample \(group_index=0, index=0\).*rollout_log_probs is None"):
+        run_rollout(xargs(teacher.url, xvocab_fallback="error"), samples)
+
+
+def test_retries_of_failed_samples_are_counted(dead_url, caplog):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(
+        dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0, xvocab_max_retries=2,
+        xvocab_retry_budget_s=30.0,
+    )
+    samples = run_rollout(args, rollout(Sample))
+    hooks.log_rollout_data(0, args, samples, None, 0.0)
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/xvocab/teacher_retries"] == 4 * 2  # was 0: failed samples' retries were dropped
+    assert metrics["rollout/xvocab/teacher_requests"] == 4 * 3
+    assert metrics["rollout/xvocab/teacher_attempt_failures/connection"] == 4 * 3
+    assert metrics["rollout/xvocab/failures/teacher_unavailable"] == 4
+
+
+def test_startup_probe_stops_a_dead_teacher_at_the_first_call(dead_url):
+    args = xargs(dead_url, xvocab_retry_budget_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(TeacherError, match=r"start-up probe: no teacher endpoint answered /health_generate"):
+        run_rollout(args, rollout(Sample, 4))
+    assert time.monotonic() - t0 < 10
+
+
+def test_startup_probe_checks_the_context_limit_against_the_server(teacher):
+    info = httpx.get(teacher.url + "/server_info").json()
+    args = xargs(teacher.url, xvocab_max_teacher_tokens=info["max_req_input_len"] + 1)
+    with pytest.raises(ConfigError, match=r"xvocab_max_teacher_tokens=\d+ is more than the teacher accepts"):
+        run_rollout(args, rollout(Sample, 1))
+
+
+def test_url_credentials_never_reach_logs_or_sample_errors(caplog):
+    caplog.set_level(logging.INFO)
+    url = f"http://bob:hunter22@127.0.0.1:{free_port()}"
+    args = xargs(url, xvocab_startup_probe=False, xvocab_max_failed_fraction=0.0)
+    samples = run_rollout(args, rollout(Sample, 2))
+    with pytest.raises(TeacherError) as info:
+        hooks.post_process_rewards(args, samples)
+    assert "hunter22" not in str(info.value) and "http://***@127.0.0.1" in str(info.value)
+    assert all("hunter22" not in s.metadata["xvocab"]["error"] for s in samples)
+    assert "hunter22" not in caplog.text and "***@127.0.0.1" in caplog.text
+
+
+def test_bad_tokenizer_path_is_a_config_error_at_the_first_call(teacher):
+    args = xargs(teacher.url, xvocab_teacher_tokenizer="/nonexistent/teacher-tokenizer")
+    with pytest.raises(ConfigError, match=r"could not load the teacher tokenizer .*xvocab_teacher_tokenizer"):
+        run_rollout(args, rollout(Sample, 2))

@@ -8,6 +8,10 @@ several ``logprob_start_len`` values, top-k included, and for a compact-vocabula
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -374,3 +378,31 @@ def test_cli_help_exits_cleanly(capsys):
         cli_main(["--help"])
     assert ei.value.code == 0
     assert "--max-batch-tokens" in capsys.readouterr().out
+
+
+def test_cli_missing_or_bad_model_dir_is_one_clear_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cases = [
+        (str(tmp_path / "nope"), "no such directory"),
+        (str(tmp_path), "has no config.json"),
+    ]
+    for model, message in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "slime_xvocab.cli", "serve-teacher", "--model", model],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
+
+
+def test_cli_version():
+    from slime_xvocab import __version__
+    from slime_xvocab.cli import main
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run(
+        [sys.executable, "-m", "slime_xvocab.cli", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0 and res.stdout.strip() == f"slime-xvocab {__version__}"
+    assert main(["-V"]) == 0
