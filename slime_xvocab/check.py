@@ -1103,9 +1103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="check the first N conversations (default 200)")
     p.add_argument(
         "--mode",
-        choices=("chunk", "exact"),
-        default="chunk",
-        help="credit mode training will use; sets which fraction is the signal fraction (default chunk)",
+        choices=("student_token", "chunk", "exact"),
+        default="student_token",
+        help="credit mode training will use (xvocab_credit_mode); sets which fraction is the signal fraction "
+        "(default student_token: every covered token, like chunk; exact: 1:1 tokens only)",
     )
     p.add_argument(
         "--teacher-url",

@@ -14,9 +14,10 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
 * ``async reward_func(args, sample, **kwargs) -> float``: on slime's rollout event loop, once per sample
   (a list of samples with ``--group-rm``). It builds the teacher's view of the sample (the raw messages in
   ``sample.metadata[xvocab_messages_key]`` rendered with the teacher's chat template, then the student's
-  response bytes in teacher tokens), scores it on the teacher server, aligns the teacher's log-probs onto
-  the student's response tokens and sets ``sample.teacher_log_probs`` (float32, ``response_length``
-  values). Tokenisation and alignment run in a worker thread (``asyncio.to_thread``), so generation never
+  response bytes in teacher tokens), scores it on the teacher server (log-probs and top-k), aligns the two
+  tokenizations and values each student token with the teacher's probability of that token
+  (:mod:`slime_xvocab.credit`), and sets ``sample.teacher_log_probs`` (float32, ``response_length`` values).
+  Tokenisation, alignment and credit run in a worker thread (``asyncio.to_thread``), so generation never
   stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
   distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
 * ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
