@@ -372,10 +372,14 @@ def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: T
     else:
         if len(top) != n:
             raise ValueError(f"top-k has {len(top)} positions, the teacher scored {n}")
-        counts = np.fromiter((len(t[0]) for t in top), dtype=np.int64, count=n)
+        if hasattr(top, "offsets"):  # sglang_wire.TopK: already flat
+            counts = np.diff(top.offsets)
+            t_ids, t_lp = np.asarray(top.ids, dtype=np.int64), np.asarray(top.lps, dtype=np.float64)
+        else:
+            counts = np.fromiter((len(t[0]) for t in top), dtype=np.int64, count=n)
+            t_ids = np.concatenate([np.asarray(t[0], dtype=np.int64) for t in top]) if n else np.zeros(0, np.int64)
+            t_lp = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if n else np.zeros(0)
         t_pos = np.repeat(np.arange(n), counts)
-        t_ids = np.concatenate([np.asarray(t[0], dtype=np.int64) for t in top]) if n else np.zeros(0, np.int64)
-        t_lp = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if n else np.zeros(0)
         t_real = t_ids == ids[t_pos]
         listed = np.bincount(t_pos[t_real], minlength=n) > 0
         # Where the top-k missed the observed token, append it: it is on every path we count.

@@ -17,8 +17,12 @@ An answer is accepted only if:
 
 from __future__ import annotations
 
+import gc
+import itertools
 import json
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +35,7 @@ except ImportError:  # pragma: no cover - depends on the environment
 __all__ = [
     "LOGPROB_EPS", "TEMPERATURE_KEY", "BadAnswer", "build_request", "parse_answer", "parse_error_message", "dumps",
     "loads",
+    "TopK",
 ]
 
 #: Largest log-prob accepted as "<= 0": float32 log-softmax of a near-certain token can round above 0.
@@ -56,11 +61,57 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode()
 
 
+_GC_LOCK = threading.Lock()
+_GC_PAUSES = 0  # decodes in flight that paused the collector
+
+
 def loads(data: bytes) -> Any:
-    """Decode JSON bytes (orjson when installed); raises ValueError."""
-    if _orjson is not None:
-        return _orjson.loads(data)
-    return json.loads(data)
+    """Decode JSON bytes (orjson when installed); raises ValueError.
+
+    The garbage collector is paused meanwhile: a top-k answer is tens of thousands of small lists, and the
+    collections they trigger cost twice the decode itself (nothing in a decoded answer forms a cycle).
+    """
+    global _GC_PAUSES
+    with _GC_LOCK:
+        paused = gc.isenabled() or _GC_PAUSES > 0
+        if paused:
+            _GC_PAUSES += 1
+            gc.disable()
+    try:
+        return _orjson.loads(data) if _orjson is not None else json.loads(data)
+    finally:
+        if paused:
+            with _GC_LOCK:
+                _GC_PAUSES -= 1
+                if _GC_PAUSES == 0:
+                    gc.enable()
+
+
+@dataclass(frozen=True, eq=False)
+class TopK(Sequence):
+    """The teacher's top-k at every response position, held flat: position ``j``'s candidates are
+    ``ids[offsets[j]:offsets[j + 1]]`` with log-probs ``lps[...]`` (best first, as the server listed them).
+
+    It reads like a list of ``(ids int64[<=k], lps float32[<=k])`` pairs, one per position; code that wants all
+    candidates at once uses the flat arrays.
+    """
+
+    ids: np.ndarray
+    lps: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        if j < 0:
+            j += len(self)
+        if not 0 <= j < len(self):
+            raise IndexError(j)
+        lo, hi = self.offsets[j], self.offsets[j + 1]
+        return self.ids[lo:hi], self.lps[lo:hi]
 
 
 def parse_error_message(body: bytes | str | Any) -> str:
@@ -179,6 +230,33 @@ class _ItemError(Exception):
     pass
 
 
+def _parse_top(entries: list, top_k: int) -> TopK:
+    """Every position's top-k list, checked and flattened in a few vectorised passes."""
+    counts = np.fromiter(
+        (len(e) if isinstance(e, list) else -1 for e in entries), dtype=np.int64, count=len(entries)
+    )
+    bad = np.flatnonzero((counts < 1) | (counts > top_k))
+    if len(bad):
+        raise _ItemError(f"input_top_logprobs at response offset {int(bad[0])} should list 1..{top_k} entries")
+    flat = list(itertools.chain.from_iterable(entries))
+    try:
+        lps = np.fromiter((e[0] for e in flat), dtype=np.float64, count=len(flat))
+        ids = np.fromiter((e[1] for e in flat), dtype=np.int64, count=len(flat))
+    except (TypeError, ValueError, IndexError):
+        lps, ids = None, None
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    if lps is None or not (np.isfinite(lps) & (lps <= LOGPROB_EPS)).all():
+        for j, entry in enumerate(entries):  # find the first bad entry for the message
+            raw = [e[0] if isinstance(e, list) and e else None for e in entry]
+            try:
+                _check_lps(np.array(raw, dtype=np.float64), raw, f"top-k logprob at response offset {j}, rank")
+                np.array([e[1] for e in entry], dtype=np.int64)
+            except (TypeError, ValueError, IndexError) as exc:
+                raise _ItemError(f"input_top_logprobs at response offset {j}: malformed entry ({exc})") from None
+        raise _ItemError("input_top_logprobs: malformed entries")
+    return TopK(ids, lps.astype(np.float32), offsets)
+
+
 def _check_lps(lps: np.ndarray, raw: list, what: str) -> None:
     """Every value finite and <= 0. ``np.array([None], float)`` is nan, so nulls are caught here too."""
     bad = ~np.isfinite(lps) | (lps > LOGPROB_EPS)
@@ -238,12 +316,5 @@ def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarr
             raise _ItemError(
                 f"input_top_logprobs has {got} entries, expected {len(itl)} (top_logprobs_num={top_k})"
             )
-        top = []
-        for j, entry in enumerate(itop[1:]):
-            if not isinstance(entry, list) or not 1 <= len(entry) <= top_k:
-                raise _ItemError(f"input_top_logprobs at response offset {j} should list 1..{top_k} entries")
-            t_raw = [e[0] for e in entry]
-            t_lps = np.array(t_raw, dtype=np.float64)
-            _check_lps(t_lps, t_raw, f"top-k logprob at response offset {j}, rank")
-            top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
+        top = _parse_top(itop[1:], top_k)
     return lps.astype(np.float32), top, float(applied)

@@ -148,7 +148,8 @@ class TeacherScores:
             ``log p(input_ids[response_start + i] | input_ids[:response_start + i])`` (natural log, T=1).
         top_log_probs: ``None`` unless the client was built with ``top_logprobs=k > 0``. Then one entry per
             response position, ``(ids int64[k], lps float32[k])``, best first: the teacher's k most likely
-            tokens at that position (the distribution ``log_probs[i]`` was read from).
+            tokens at that position (the distribution ``log_probs[i]`` was read from); a
+            :class:`~slime_xvocab.sglang_wire.TopK`, which also holds them as flat arrays.
         latency_s: wall time of the call, retries and backoff included (seconds).
         attempts: HTTP attempts made (1 = no retry).
         url: the ``/generate`` URL that answered.
@@ -157,7 +158,7 @@ class TeacherScores:
     """
 
     log_probs: np.ndarray
-    top_log_probs: list | None
+    top_log_probs: Sequence | None
     latency_s: float
     attempts: int
     url: str

@@ -49,3 +49,24 @@ def test_every_wrong_answer_is_a_bad_answer(mutate, message):
     assert ei.value.index == 0 and ei.value.n_items == 1
     with pytest.raises(BadAnswer, match="batch answer has 1 items, 2 sequences were sent"):
         parse_answer([answer(ids, 2, [-0.5, -1.5])], [(ids, 2), (ids, 2)])
+
+
+def test_top_k_is_read_position_by_position_and_bad_entries_are_named():
+    rng = np.random.default_rng(0)
+    ids, start = list(range(100, 140)), 10
+    entries = [[[float(-rng.random() * 5), int(rng.integers(0, 1000)), None] for _ in range(int(rng.integers(1, 6)))]
+               for _ in ids[start:]]
+    a = answer(ids, start, [-0.5] * (len(ids) - start))
+    a["meta_info"]["input_top_logprobs"] = [None] + entries
+    ((_, top, _),) = parse_answer(a, [(ids, start)], top_k=5)
+    assert len(top) == len(entries)
+    for (t_ids, t_lps), entry in zip(top, entries, strict=True):  # the JSON, read entry by entry
+        assert t_ids.tolist() == [e[1] for e in entry]
+        np.testing.assert_allclose(t_lps, [e[0] for e in entry], rtol=1e-6)
+    entries[7][0][0] = float("nan")
+    with pytest.raises(BadAnswer, match="top-k logprob at response offset 7"):
+        parse_answer(a, [(ids, start)], top_k=5)
+    entries[7][0][0] = -1.0
+    a["meta_info"]["input_top_logprobs"][1 + 3] = []
+    with pytest.raises(BadAnswer, match="offset 3 should list 1..5 entries"):
+        parse_answer(a, [(ids, start)], top_k=5)
