@@ -42,9 +42,16 @@ from slime_xvocab.teacher_client import TeacherClient  # noqa: E402
 # ---------------------------------------------------------------------------- the no-work server
 
 
-def _answer(ids: list[int], start: int) -> dict:
+def _answer(ids: list[int], start: int, top_k: int = 0) -> dict:
     L = len(ids)
     itl = [[None, ids[start], None]] + [[-1.0 - (k % 13) * 0.173, ids[k], None] for k in range(start + 1, L)]
+    top = None
+    if top_k:  # the observed token plus k - 1 others, as SGLang lists a top-k
+        top = [None] + [
+            [[-1.0 - (k % 13) * 0.173, ids[k], None]] + [[-2.0 - r * 0.25, (ids[k] + 7 * r) % 150_000, None]
+                                                         for r in range(1, top_k)]
+            for k in range(start + 1, L)
+        ]
     meta = {
         "id": "bench",
         "finish_reason": {"type": "length", "length": 0},
@@ -56,6 +63,8 @@ def _answer(ids: list[int], start: int) -> dict:
         "cached_tokens": 0,
         "e2e_latency": 0.001,
     }
+    if top is not None:
+        meta["input_top_logprobs"] = top
     return {"text": "", "output_ids": [], "meta_info": meta}
 
 
@@ -71,11 +80,12 @@ def serve(port: int) -> None:
         out = cache.get(key)
         if out is None:  # first time this exact request is seen: build its answer once
             req = orjson.loads(body)
-            ids, start = req["input_ids"], req["logprob_start_len"]
+            ids, start, k = req["input_ids"], req["logprob_start_len"], int(req.get("top_logprobs_num") or 0)
             if ids and isinstance(ids[0], list):
-                out = orjson.dumps([_answer(i, s) for i, s in zip(ids, start, strict=True)])
+                starts = start if isinstance(start, list) else [start] * len(ids)
+                out = orjson.dumps([_answer(i, s, k) for i, s in zip(ids, starts, strict=True)])
             else:
-                out = orjson.dumps(_answer(ids, start))
+                out = orjson.dumps(_answer(ids, start, k))
             cache[key] = out
         return web.Response(body=out, content_type="application/json")
 
@@ -113,10 +123,12 @@ TARGET_SEQ_PER_S = 2000.0
 
 
 async def throughput(
-    url: str, items: list, batch_size: int, concurrency: int, reps: int
+    url: str, items: list, batch_size: int, concurrency: int, reps: int, top_k: int = 0
 ) -> tuple[float, float]:
     """Median over ``reps`` runs of (wall seq/s, client-CPU seq/s) for scoring ``items``."""
-    client = TeacherClient(url, batch_size=batch_size, max_concurrency=concurrency, trust_env=False)
+    client = TeacherClient(
+        url, batch_size=batch_size, max_concurrency=concurrency, trust_env=False, top_logprobs=top_k
+    )
     walls, cpus = [], []
     async with client:
         await client.score_many(items[: max(batch_size * concurrency, 64)])  # warm the pool and the cache
@@ -152,6 +164,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=256, help="prompt tokens per sequence (throughput table)")
     ap.add_argument("--response", type=int, default=128, help="response tokens per sequence")
     ap.add_argument("--reps", type=int, default=3, help="runs per throughput cell (the median is printed)")
+    ap.add_argument("--top-k", type=int, default=20,
+                    help="teacher top-k per position (20: what the hooks fetch by default; 0: log-probs only)")
     args = ap.parse_args()
     if args.serve:
         serve(args.serve)
@@ -167,7 +181,7 @@ def main() -> None:
         batches = (1, 8, 32)
         print(
             f"client overhead: {n} sequences of {args.prompt} prompt + {args.response} response tokens per "
-            f"run, median of {reps} run(s); logprob_start_len = prompt-1; no-work loopback server"
+            f"run, top-{args.top_k}, median of {reps} run(s); logprob_start_len = prompt-1; no-work loopback server"
         )
         print(
             "CPU seq/s = sequences / CPU seconds of the client process (one core); "
@@ -182,7 +196,7 @@ def main() -> None:
             row = f"{conc:>11}"
             cpus = []
             for bs in batches:
-                wall, cpu = asyncio.run(throughput(url, items, bs, conc, reps))
+                wall, cpu = asyncio.run(throughput(url, items, bs, conc, reps, args.top_k))
                 cpus.append(cpu)
                 row += f" | {cpu:>9,.0f} {cpu / TARGET_SEQ_PER_S:>7.2f}x {wall:>7,.0f}"
             print(row, flush=True)
