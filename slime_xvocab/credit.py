@@ -160,10 +160,12 @@ class StudentExtensions:
     A student token ``y`` survives following bytes ``r`` when the student's tokenization of ``bytes(y) + r``
     starts with ``y``. It does not when a longer token swallows it (``" the"`` + ``"re"`` is ``" there"``) or
     when a merge across the junction re-splits it (Llama-3 writes ``" 你"`` + ``"好"`` but ``" "`` + ``"你们"``).
-    Either needs the student's pre-tokenizer to keep ``y``'s end and ``r``'s start in one piece, so a table of
-    character classes (letter, digit, space, newline, punctuation, other), probed once per tokenizer, settles
-    most questions without tokenizing: ``" the"`` followed by ``" cat"`` can never merge. The rest are
-    tokenized (``bytes(y)`` plus as much of ``r`` as decodes as UTF-8, encoded as a continuation) and cached.
+    Either needs a token of the student's tokenization to span the junction, so a table of character classes
+    (letter, digit, space, newline, punctuation, other) settles most questions without tokenizing: a junction
+    is safe when the student's pre-tokenizer always splits there (probed once) or when no vocabulary token
+    spans such a pair of characters at all (read off the vocabulary; then neither BPE nor Unigram can merge
+    across it). ``" the"`` followed by ``" cat"`` can never merge. The rest are tokenized (``bytes(y)`` plus as
+    much of ``r`` as decodes as UTF-8, encoded as a continuation), in one batch per sample, and cached.
 
     Only the token itself and the given following bytes are looked at: a tokenizer whose merges reach back
     across an earlier token boundary, or depend on bytes past ``r``, is not modelled.
@@ -177,7 +179,9 @@ class StudentExtensions:
         self._lock = threading.Lock()
         self.last_class = _last_char_classes(table)  # int8 [vocab]
         self._blob, self._offsets = table.blob.tobytes(), table.offsets.tolist()
-        self.junction_splits = _probe_junctions(tokenizer)  # bool [classes, classes]
+        # A junction between classes a and b is safe when the pre-tokenizer always splits there, or when no
+        # vocabulary token spans such a junction (then neither BPE nor Unigram can merge across it).
+        self.junction_splits = _probe_junctions(tokenizer) | ~_vocab_junctions(table)  # bool [7, 7]
 
     def may_change(self, ids: np.ndarray, following_first_byte: np.ndarray) -> np.ndarray:
         """bool array: the pre-tokenizer could keep token ``ids[k]`` and the byte after it in one piece."""
@@ -298,6 +302,25 @@ def _last_char_classes(table: TokenBytes) -> np.ndarray:
         except UnicodeDecodeError:
             continue
         out[token_id] = _char_class(text[-1])
+    return out
+
+
+def _vocab_junctions(table: TokenBytes) -> np.ndarray:
+    """bool ``[7, 7]``: ``[a, b]`` is True if some token's bytes hold a character of class ``a`` immediately
+    followed by one of class ``b`` (PARTIAL rows and columns are always True)."""
+    blob = table.blob.astype(np.int64)
+    out = np.zeros((7, 7), dtype=bool)
+    out[_PARTIAL, :] = out[:, _PARTIAL] = True
+    if len(blob) < 2:
+        return out
+    starts = np.zeros(len(blob), dtype=bool)
+    starts[table.offsets[:-1][np.diff(table.offsets) > 0]] = True
+    # Character starts that are not token starts: a transition from the previous character inside a token.
+    p = np.flatnonzero(((blob < 0x80) | (blob >= 0xC0)) & ~starts)
+    p = p[p > 0]
+    prev = np.where(blob[p - 1] < 0x80, _BYTE_CLASS[np.minimum(blob[p - 1], 255)], _NONASCII)
+    cur = np.where(blob[p] < 0x80, _BYTE_CLASS[np.minimum(blob[p], 255)], _NONASCII)
+    out[prev, cur] = True
     return out
 
 
