@@ -54,7 +54,7 @@ def error_table() -> None:
                         for mode, e in mode_errors(builder, responses, text, ends, k).items():
                             errs[mode].append(e)
             rows[(student, teacher, label)] = {m: float(np.mean(v)) for m, v in errs.items()}
-    print("Mean |value - oracle| per student token (nats); student log-prob -0.7 where a mode keeps it\n")
+    print("Mean |value - oracle| per student token (nats); the student's own log-probs are a seeded random draw\n")
     print("| support | pairs | " + " | ".join(MODES) + " | pairs where student_token is exact (< 1e-6) |")
     print("|---|---|" + "---|" * len(MODES) + "---|")
     for label in ("full", "top-20"):

@@ -139,10 +139,11 @@ class _NeverExtends:
 
 
 def mode_errors(builder, responses, text, ends, k) -> dict[str, float]:
-    """Mean |value - oracle| per student token for every mode (student log-prob -0.7 where modes keep it)."""
+    """Mean |value - oracle| per student token for every mode; the student's own log-probs (what `chunk` splits
+    by and every mode keeps where it has no value) are a fixed random draw."""
     view, lps, top, got = default_credit(builder, responses, text, ends, k)
     want = oracle_values(builder.student_tokenizer, responses, text, ends)
-    student = np.full(len(want), -0.7)
+    student = -np.random.default_rng(len(want)).exponential(0.7, len(want))
     byte = student_token_credit(view, lps, top, student, _NeverExtends(), builder.teacher_table).values
     out = {"student_token": got.values, "byte_prefix": byte}
     for mode, split in (("chunk", "uniform"), ("chunk", "proportional"), ("exact", "uniform")):
