@@ -51,6 +51,7 @@ from .token_bytes import TokenBytes, tokenizer_lock
 
 __all__ = [
     "DEFAULT_DENSE_TOP_K",
+    "DIVERGENCES",
     "DenseTargets",
     "StudentProjection",
     "dense_targets",
@@ -58,6 +59,8 @@ __all__ = [
     "student_projection",
 ]
 
+#: Divergences the dense loss offers (:func:`~slime_xvocab.dense_loss.bucket_divergence`).
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 #: Student tokens kept per position by default (the rest of the projected mass joins the tail).
 DEFAULT_DENSE_TOP_K = 20
 
