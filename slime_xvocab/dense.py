@@ -248,8 +248,8 @@ def dense_targets(
         teacher_table: the teacher's :class:`~slime_xvocab.token_bytes.TokenBytes`.
         top_k: student tokens kept per position; the rest of the projected mass joins the tail.
         teacher_end_ids: teacher ids that end the turn (besides ``view.eot_ids``).
-        student_end_id: the student's end-of-turn id (default: the response's last token when it is the
-            zero-width end of turn); without one, teacher end-of-turn mass at a text position is tail.
+        student_end_id: the student's end-of-turn id for responses that do not end with one (a response that
+            does uses its own); without one, teacher end-of-turn mass at a text position is tail.
 
     Returns:
         :class:`DenseTargets` with ``n = len(view.student_ids)`` positions.
@@ -292,9 +292,7 @@ def dense_targets(
     # Student queries: where each position starts, where its token ends, its previous text token.
     s_spans = np.asarray(view.student_spans, dtype=np.int64)
     width = s_spans[:, 1] - s_spans[:, 0]
-    end_id = student_end_id
-    if end_id is None and width[-1] == 0 and view.eot_ids:
-        end_id = int(s_ids[-1])
+    end_id = int(s_ids[-1]) if width[-1] == 0 and view.eot_ids else student_end_id
     y_all = s_spans[:, 0]
     is_eot = (width == 0) & (np.arange(n) == n - 1) & (y_all == len(data)) & (len(view.eot_ids) > 0)
     covered = (width > 0) & (y_all < len(data)) & (alignment.student_chunk >= 0)

@@ -22,8 +22,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["METRICS", "sample_stats", "compute_rollout_metrics", "compute_post_process_metrics"]
+__all__ = ["DENSE_METRICS", "METRICS", "sample_stats", "compute_rollout_metrics", "compute_post_process_metrics"]
 
+#: Keys only reported when ``xvocab_dense`` is on.
+DENSE_METRICS = ("dense_valid_fraction", "dense_listed_mass", "dense_tail_mass")
 #: Every key :func:`compute_rollout_metrics` / :func:`compute_post_process_metrics` can return, with its
 #: meaning. ``unaligned/<reason>`` stands for one key per :class:`~slime_xvocab.alignment.Unaligned` reason.
 METRICS: dict[str, str] = {
@@ -55,6 +57,11 @@ METRICS: dict[str, str] = {
     "teacher_failures": "samples whose teacher call or view failed (they fall back or stop training)",
     "teacher_requests": "HTTP /generate requests sent since the previous rollout log (retries included)",
     "fallback_samples": "samples given the student's own log-probs (delta 0): they could not be scored",
+    "dense_valid_fraction": "xvocab_dense: share of student response tokens with a dense target (token-weighted)",
+    "dense_listed_mass": "xvocab_dense: mean teacher probability the listed student tokens hold per target "
+    "position (the top-k mass covered after projection and the xvocab_dense_top_k cut)",
+    "dense_tail_mass": "xvocab_dense: mean teacher probability in the tail bucket per target position "
+    "(1 - dense_listed_mass): raise xvocab_top_k / xvocab_dense_top_k when it is high",
     "failed_fraction": "fallback_samples / samples; training stops above xvocab_max_failed_fraction",
 }
 
@@ -71,6 +78,7 @@ def sample_stats(
     signal_tokens: int | None = None,
     top_k_mass: float = 1.0,
     clamped_tokens: int = 0,
+    dense: Mapping[str, float] | None = None,
 ) -> dict[str, float]:
     """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
 
@@ -86,6 +94,8 @@ def sample_stats(
             covered tokens, as in chunk mode; exact mode passes the 1:1 tokens).
         top_k_mass: mean mass the teacher's top-k covered per position (1.0 without top-k).
         clamped_tokens: student_token values clamped to 0.
+        dense: :meth:`DenseTargets.stats <slime_xvocab.dense.DenseTargets.stats>` of the sample (xvocab_dense),
+            kept as ``dense_<key>``.
 
     Returns:
         A flat ``dict[str, float]``; alignment keys keep their names, ``unaligned/<reason>`` included.
@@ -101,6 +111,7 @@ def sample_stats(
         top_k_mass=float(top_k_mass),
         clamped_tokens=float(clamped_tokens),
     )
+    out.update({f"dense_{k}": float(v) for k, v in (dense or {}).items()})
     covered = out.get("student_tokens", 0.0) - out.get("unaligned_tokens", 0.0)
     out["signal_tokens"] = float(covered if signal_tokens is None else signal_tokens)
     return out
@@ -162,6 +173,12 @@ def compute_rollout_metrics(
     mass = col("top_k_mass")[scored]
     out["top_k_mass"] = float(np.average(mass, weights=student[scored] + 1e-12)) if scored.any() else 1.0
     out["clamped_tokens"] = float(col("clamped_tokens").sum())
+    if any("dense_positions" in s for s in per_sample_stats):
+        positions, valid = col("dense_positions").sum(), col("dense_valid").sum()
+        tail = float(col("dense_tail_sum").sum() / valid) if valid else 1.0
+        out["dense_valid_fraction"] = float(valid / positions) if positions else 0.0
+        out["dense_tail_mass"] = tail
+        out["dense_listed_mass"] = 1.0 - tail
     return out
 
 
