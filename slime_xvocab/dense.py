@@ -143,8 +143,24 @@ class StudentProjection:
     def __init__(self, tokenizer: Any, student_table: TokenBytes, *, cache_size: int = 1 << 20) -> None:
         self.tokenizer, self.student_table = tokenizer, student_table
         self._cache: dict[tuple[bytes, bytes], int] = {}
+        self._by_table: dict[int, tuple[Any, np.ndarray]] = {}
         self._cache_size = cache_size
         self._lock = threading.Lock()
+
+    def of_tokens(self, teacher_table: TokenBytes, teacher_ids: np.ndarray) -> np.ndarray:
+        """int64 student id per whole teacher token (no lead): ``self([(b"", bytes(t))])``, cached in an array."""
+        with self._lock:
+            held = self._by_table.get(id(teacher_table))
+            if held is None or held[0]() is not teacher_table:
+                held = (weakref.ref(teacher_table), np.full(teacher_table.vocab_size, -2, dtype=np.int64))
+                self._by_table[id(teacher_table)] = held
+        table = held[1]
+        out = table[teacher_ids]
+        unknown = np.unique(teacher_ids[out == -2])
+        if len(unknown):
+            table[unknown] = self([(b"", teacher_table.bytes_of([int(t)])) for t in unknown.tolist()])
+            out = table[teacher_ids]
+        return out
 
     def __call__(self, pieces: Sequence[tuple[bytes, bytes]]) -> np.ndarray:
         """int64 student id per ``(lead, piece)``, -1 where none.
@@ -311,23 +327,27 @@ def dense_targets(
     q_big = np.where(ib < m, t_end[np.minimum(ib, m - 1)], len(data))
 
     # The bytes of the character each query falls inside, before it (the projection tokenizes from there).
-    continuation = (text & 0xC0) == 0x80
-    lead = []
-    for yy in qy.tolist():
-        cs = yy
-        while cs > 0 and yy - cs < 3 and cs < len(data) and continuation[cs]:
+    continuation = np.append((text & 0xC0) == 0x80, False)
+    has_lead = continuation[qy]
+    lead = [b""] * len(qy)
+    for r in np.flatnonzero(has_lead).tolist():
+        yy = cs = int(qy[r])
+        while cs > 0 and yy - cs < 3 and continuation[cs]:
             cs -= 1
-        lead.append(data[cs:yy])
-    rows: dict[str, list] = {"q": [], "w": [], "target": [], "piece": [], "ask_k": [], "ask_off": []}
+        lead[r] = data[cs:yy]
+    rows: dict[str, list] = {"q": [], "w": [], "target": [], "ask_k": [], "ask_off": []}
 
-    def add(q, w, target, piece=None, ask_k=None, ask_off=None):
+    def add(q, w, target, ask_k=None, ask_off=None):
         rows["q"].append(q)
         rows["w"].append(w)
         rows["target"].append(target)
         size = len(q)
-        rows["piece"].append(piece if piece is not None else [None] * size)
         rows["ask_k"].append(ask_k if ask_k is not None else np.full(size, -1, dtype=np.int64))
         rows["ask_off"].append(ask_off if ask_off is not None else np.zeros(size, dtype=np.int64))
+
+    def project(rows_at, pieces) -> None:
+        if rows_at:
+            target[np.asarray(rows_at, dtype=np.int64)] = projection(pieces)
 
     # 1. The observed path from y: it branches at every teacher position starting in [y, B].
     lo = np.searchsorted(branch_start, qy, side="left")
@@ -352,15 +372,37 @@ def dense_targets(
     at_y = z == qy[q]
     if end_id is not None:
         target[ends & at_y] = end_id
-    pieces: list = [None] * len(q)
-    for r in np.flatnonzero(ends & ~at_y).tolist():  # the text ends after the observed bytes x[y:z]
-        pieces[r] = (lead[q[r]], data[qy[q[r]]:z[r]])
-    spelled = np.flatnonzero(~real & (c.length[k] > 0)).tolist()
-    for r in spelled:
+    spelled = ~real & (c.length[k] > 0)
+    # A whole teacher token right at a character boundary: one cached answer per teacher id.
+    simple = spelled & at_y & ~has_lead[q]
+    target[simple] = projection.of_tokens(teacher_table, c.ids[k[simple]])
+    # Past the end of the student's token the bytes are the ones it was written before: its own token, unless
+    # (right at its end) the candidate would grow it, which the student tokenizer is asked (cached).
+    s_end = s_spans[query, 1][q]
+    after = (spelled | ends) & (z > s_end)
+    target[after] = q_tok[q[after]]
+    at_end = np.flatnonzero((spelled | ends) & (z == s_end) & ~at_y)
+    if len(at_end):
+        ask_end = _extension_queries(extensions, teacher_table) if isinstance(extensions, StudentExtensions) \
+            else extensions
+        kk = k[at_end]
+        grown = ask_end(q_tok[q[at_end]], c.ids[kk], np.zeros(len(kk), dtype=np.int64), c.blob_start[kk],
+                        c.length[kk])
+        target[at_end[~grown]] = q_tok[q[at_end[~grown]]]
+        at_end = at_end[grown]
+    rows_at, pieces = [], []
+    inside = (z < s_end) & ~at_y
+    for r in np.flatnonzero(ends & inside).tolist():  # the text ends after the observed bytes x[y:z]
+        rows_at.append(r)
+        pieces.append((lead[q[r]], data[qy[q[r]]:z[r]]))
+    for r in sorted(np.flatnonzero(spelled & ~simple & ~at_y & inside).tolist() + at_end.tolist()
+                    + np.flatnonzero(spelled & at_y & has_lead[q]).tolist()):
         bs = int(c.blob_start[k[r]])
-        pieces[r] = (lead[q[r]], data[qy[q[r]]:z[r]] + blob[bs:bs + int(c.length[k[r]])].tobytes())
+        rows_at.append(r)
+        pieces.append((lead[q[r]], data[qy[q[r]]:z[r]] + blob[bs:bs + int(c.length[k[r]])].tobytes()))
+    project(rows_at, pieces)
     ask_k = np.where(~real & at_y & (c.length[k] > 0), k, -1)
-    add(q, w, target, pieces, ask_k, np.zeros(len(q), dtype=np.int64))
+    add(q, w, target, ask_k, np.zeros(len(q), dtype=np.int64))
     # A path that runs past the last teacher position before B: the student's own token.
     none = np.flatnonzero(hi <= lo)
     if len(none):
@@ -380,23 +422,21 @@ def dense_targets(
         q = order[idx]
         off = qy[q] - c_start[owner]
         rest = c.length[k] - off
-        pieces = [None] * len(q)
+        target = np.full(len(q), -1, dtype=np.int64)
+        rows_at, pieces = [], []
         for r in np.flatnonzero(rest > 0).tolist():
             bs = int(c.blob_start[k[r]]) + int(off[r])
-            pieces[r] = (lead[q[r]], blob[bs:bs + int(rest[r])].tobytes())
+            rows_at.append(r)
+            pieces.append((lead[q[r]], blob[bs:bs + int(rest[r])].tobytes()))
+        project(rows_at, pieces)
         # Ending exactly at y, another path arrives there: what follows it is unknown (tail).
-        add(q, path_before[c.pos[k]] + c.lp[k], np.full(len(q), -1, dtype=np.int64), pieces,
-            np.where(rest > 0, k, -1), off)
+        add(q, path_before[c.pos[k]] + c.lp[k], target, np.where(rest > 0, k, -1), off)
 
     cq = np.concatenate(rows["q"]).astype(np.int64)
     cw = np.concatenate(rows["w"])
     target = np.concatenate(rows["target"]).astype(np.int64)
-    pieces = [p for chunk in rows["piece"] for p in chunk]
     ask_k = np.concatenate(rows["ask_k"])
     ask_off = np.concatenate(rows["ask_off"])
-    spelled = np.array([p is not None for p in pieces], dtype=bool)
-    if spelled.any():
-        target[spelled] = projection([p for p in pieces if p is not None])
     # Conditioning: drop continuations that would have grown the previous student token.
     asked = np.flatnonzero((ask_k >= 0) & (prev[cq] >= 0))
     if len(asked):
