@@ -8,6 +8,7 @@ single-process values and gradients.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -27,6 +28,10 @@ from slime_xvocab.teacher_server import free_port
 
 HERE = Path(__file__).resolve().parent
 VOCAB, K = 24, 4
+ENV_VAR = "SLIME_XVOCAB_SLIME_CHECKOUTS"
+CHECKOUTS = [Path(p) for p in os.environ.get(ENV_VAR, "").split(os.pathsep) if p.strip()]
+PARAMS = ([pytest.param(p, id=p.name) for p in CHECKOUTS] if CHECKOUTS else
+          [pytest.param(None, id="no-slime", marks=pytest.mark.skip(reason=f"{ENV_VAR} is not set"))])
 
 
 def random_targets(rng, n: int, valid_fraction: float = 0.8) -> DenseTargets:
@@ -212,3 +217,23 @@ def test_a_sample_without_targets_stops_training(monkeypatch):
     with pytest.raises(DenseTargetsMissing, match="dense_transport"):
         dense_loss.dense_distill_loss(loss_args(), batch, logits, per_sample_mean(batch))
     hooks.reset()
+
+
+@pytest.mark.parametrize("checkout", PARAMS)
+def test_slimes_own_loss_function_dispatches_to_the_dense_loss(checkout):
+    """slime's loss_function with --loss-type custom_loss (its loader, reducer and rescaling) runs the plugin's
+    loss, whose value is slime's own policy loss plus xvocab_dense_coef x the dense term."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XVOCAB_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(HERE.parent), str(HERE)])
+    proc = subprocess.run([sys.executable, str(HERE / "dense_loss_checks.py")], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=HERE.parent)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DENSE_LOSS_RESULT ")]
+    assert proc.returncode == 0 and lines, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    got = json.loads(lines[-1].split(" ", 1)[1])
+    if "skip" in got:
+        pytest.skip(got["skip"])
+    assert got["loss"] == pytest.approx(got["policy_loss"] + 0.5 * got["dense"], abs=1e-5)
+    assert got["keys"][:len(got["pg_keys"])] == got["pg_keys"]
+    assert got["keys"][len(got["pg_keys"]):] == ["dense_kl", "dense_teacher_tail", "dense_student_tail",
+                                                 "dense_valid"]
+    assert got["grad_finite"] and got["grad_norm"] > 0
