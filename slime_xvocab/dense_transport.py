@@ -203,7 +203,11 @@ def check_slime_code(module: Any) -> str:
 def install_rollout_side(module: Any = None) -> str:
     """Wrap the per-rank tensorize function of slime's ``slime.ray.rollout`` (idempotent); returns its name."""
     if module is None:
-        import slime.ray.rollout as module
+        try:
+            import slime.ray.rollout as module
+        except ImportError as exc:
+            raise ConfigError(f"xvocab_dense: slime's rollout manager module does not import here ({exc}); the "
+                              "dense targets could not be shipped to the training side") from exc
     name = check_slime_code(module)
     setattr(module, name, _wrap(getattr(module, name)))
     return name

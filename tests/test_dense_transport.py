@@ -204,3 +204,25 @@ def test_slimes_own_rollout_to_loss_path_carries_every_samples_targets(checkout)
     assert sorted(e["sample"] for e in seen) == list(range(6))  # every sample, once
     for e in seen:
         assert e["marker"] == e["sample"] and e["n"] == e["response_length"]
+
+
+def test_samples_the_teacher_cannot_score_get_targets_with_no_valid_position_and_are_counted():
+    from test_hooks import rollout, run_rollout, xargs
+
+    from slime_xvocab.metrics import compute_rollout_metrics
+    from slime_xvocab.teacher_server import free_port
+
+    args = xargs(f"http://127.0.0.1:{free_port()}", xvocab_max_failed_fraction=1.0, xvocab_dense=True)
+    hooks.reset()
+    try:
+        samples = run_rollout(args, rollout(Sample))
+        late = rollout(Sample, 1)[0]  # never scored by the reward hook: the post-process fills it
+        late.metadata["xvocab"] = {}
+        hooks.post_process_rewards(args, samples + [late])
+    finally:
+        hooks.reset()
+    for s in samples + [late]:
+        got = sample_targets(s)
+        assert got is not None and got.n == s.response_length and not got.valid.any()
+    metrics = compute_rollout_metrics([s.metadata["xvocab"]["stats"] for s in samples])
+    assert metrics["dense_valid_fraction"] == 0.0
