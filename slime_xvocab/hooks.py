@@ -36,6 +36,7 @@ What a sample carries afterwards (plain Python values, so samples pickle across 
     sample.teacher_log_probs            torch.float32 [response_length] (a list if torch is missing)
     sample.metadata["xvocab"] = {"stats": {...}, "failed": bool, "error": str | None,
                                  "evaluation": bool, "rollout_id": int | None}
+    sample.metadata["xvocab_dense"]     dense.DenseTargets, with xvocab_dense (docs/dense.md)
 """
 
 from __future__ import annotations
