@@ -226,3 +226,29 @@ def test_samples_the_teacher_cannot_score_get_targets_with_no_valid_position_and
         assert got is not None and got.n == s.response_length and not got.valid.any()
     metrics = compute_rollout_metrics([s.metadata["xvocab"]["stats"] for s in samples])
     assert metrics["dense_valid_fraction"] == 0.0
+
+
+def test_with_one_tokenizer_the_targets_are_the_teachers_top_k():
+    qwen = load_tokenizer("qwen3")
+    responses = {" the cat": 0.2, " the dog": 0.3, " there": 0.3, " then": 0.2}
+    eot = qwen.convert_tokens_to_ids("<|im_end|>")
+    teacher = CanonicalTeacher(qwen, responses, eot)
+    messages = [{"role": "user", "content": "Say something."}]
+    prompt = qwen.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    response = canonical_ids(qwen, " the cat") + [eot]
+    sample = make_sample(Sample, prompt_ids=qwen.encode(prompt, add_special_tokens=False), response_ids=response,
+                         rollout_log_probs=[-1.0] * len(response), metadata={"messages": messages}, index=0,
+                         group_index=0)
+    with OracleServer(teacher) as server:
+        qwen_dir = str(tokenizer_dir("qwen3"))
+        args = make_args(hf_checkpoint=qwen_dir, xvocab_teacher_tokenizer=qwen_dir, xvocab_teacher_urls=server.url,
+                         xvocab_max_retries=0, xvocab_dense=True)
+        hooks.reset()
+        try:
+            asyncio.run(hooks.reward_func(args, sample))
+        finally:
+            hooks.reset()
+    got = sample_targets(sample)
+    assert got.valid.all()
+    first = {qwen.decode([t]): round(float(np.exp(lp)), 6) for t, lp in zip(got.ids[0], got.log_probs[0]) if t >= 0}
+    assert first == {" the": 0.5, " there": 0.3, " then": 0.2}
