@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from .dense import DIVERGENCES, DenseTargets
 from .errors import ConfigError
@@ -190,6 +191,7 @@ def dense_term(
     vocab_start: int = 0,
     vocab_size: int | None = None,
     group: Any = None,
+    chunk_rows: int = -1,
 ) -> dict[str, torch.Tensor]:
     """Per-token dense divergence of one packed micro-batch (context-parallel size 1, slime's layout).
 
@@ -199,6 +201,9 @@ def dense_term(
         total_lengths, response_lengths: per sample, as in slime's batch.
         kind, vocab_start, group: as :func:`bucket_divergence`; ``vocab_size``: the model's (padded) vocabulary
             over all ranks (listed ids at or above it are dropped); ``temperature``: slime's rollout temperature.
+        chunk_rows: above 0, rows are processed this many at a time and recomputed in the backward
+            (activation checkpointing), so only one chunk's ``[rows, V_local]`` intermediates are alive
+            (slime's ``--log-probs-chunk-size``); -1: all at once.
 
     Returns:
         Per-token tensors over all response tokens, concatenated like slime's ``log_probs``: ``divergence``
@@ -226,7 +231,16 @@ def dense_term(
         valid = torch.zeros(0, dtype=torch.bool, device=device)
     if vocab_size is not None:  # an id the model has no logit for cannot be compared: drop it (q renormalises)
         ids = torch.where(ids < vocab_size, ids.long(), torch.full_like(ids.long(), -1))
-    div, student_tail = bucket_divergence(z, ids, log_q, tail, kind=kind, vocab_start=vocab_start, group=group)
+    def run(z_part, ids_part, log_q_part, tail_part):
+        return bucket_divergence(z_part, ids_part, log_q_part, tail_part, kind=kind, vocab_start=vocab_start,
+                                 group=group)
+
+    if chunk_rows > 0 and z.size(0) > chunk_rows and z.requires_grad:
+        parts = [checkpoint(run, z[a:a + chunk_rows], ids[a:a + chunk_rows], log_q[a:a + chunk_rows],
+                            tail[a:a + chunk_rows], use_reentrant=False) for a in range(0, z.size(0), chunk_rows)]
+        div, student_tail = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    else:
+        div, student_tail = run(z, ids, log_q, tail)
     zero = torch.zeros_like(div)
     return {
         "divergence": torch.where(valid, div, zero),
@@ -271,6 +285,7 @@ def dense_distill_loss(
         logits, targets_of(batch), batch["total_lengths"], batch["response_lengths"],
         kind=config.dense_divergence, temperature=float(getattr(args, "rollout_temperature", 1.0) or 1.0),
         vocab_start=rank * logits.size(-1), vocab_size=tp * logits.size(-1), group=group,
+        chunk_rows=int(getattr(args, "log_probs_chunk_size", -1) or -1),
     )
     dense = sum_of_sample_mean(terms["divergence"])
     loss = loss + config.dense_coef * dense

@@ -26,7 +26,7 @@ def run(rank: int, inputs: str, out_dir: str, port: int) -> None:
         local = full[..., rank * width:(rank + 1) * width].clone().requires_grad_(True)
         terms = dense_term(local, data["targets"], data["total_lengths"], data["response_lengths"],
                            kind=data["kind"], temperature=data["temperature"], vocab_start=rank * width,
-                           vocab_size=full.size(-1), group=dist.group.WORLD)
+                           vocab_size=full.size(-1), group=dist.group.WORLD, chunk_rows=data.get("chunk_rows", -1))
         (terms["divergence"] * data["weights"]).sum().backward()
         torch.save({"divergence": terms["divergence"].detach(), "student_tail": terms["student_tail"],
                     "grad": local.grad}, f"{out_dir}/rank{rank}.pt")
