@@ -478,7 +478,7 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
         problems.append(f"xvocab_inner_rm_path={path!r} must be a dotted path `package.module.function`")
     if path and path.startswith("slime_xvocab.hooks."):
         problems.append("xvocab_inner_rm_path points at slime_xvocab's own reward hook (infinite recursion)")
-    if getattr(args, "use_opd", None) is False:
+    if getattr(args, "use_opd", None) is False and not values.get("dense"):
         problems.append(
             "slime's --use-opd is not set, so teacher_log_probs would be computed and then ignored. Add "
             "`--use-opd --opd-type sglang --opd-kl-coef 1.0` to the slime command line"

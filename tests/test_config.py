@@ -172,3 +172,14 @@ def test_example_yaml_files_are_valid_and_comment_every_key():
                 assert j > 0 and lines[j - 1].startswith("#"), f"{path}: {line!r} has no comment above it"
         for entry in fields_reference():  # every setting appears, set or commented out
             assert re.search(rf"^(# )?{entry['key']}:", path.read_text(), re.M), f"{path}: {entry['key']}"
+
+
+def test_dense_distillation_does_not_need_slimes_opd_flag():
+    """With xvocab_dense the signal is the dense loss; slime's --use-opd (sampled-token OPD) is optional."""
+    args = make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t", xvocab_teacher_urls="http://t:1",
+                     use_opd=False, xvocab_dense=True, xvocab_dense_divergence="jsd")
+    config = XVocabConfig.from_args(args, environ={}, warn=False)
+    assert config.dense and config.dense_divergence == "jsd" and config.dense_top_k == 20
+    with pytest.raises(ConfigError, match="use-opd"):
+        XVocabConfig.from_args(make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t",
+                                         xvocab_teacher_urls="http://t:1", use_opd=False), environ={})
