@@ -5,9 +5,10 @@ The data flow, one module per stage:
     ① messages (kept in sample.metadata by ``data_source``)
     ② ``teacher_view``    re-render them with the teacher's chat template + the student's response bytes
     ③ ``teacher_client``  score the teacher view on an SGLang server (prefill-only log-probs)
-    ④ ``alignment``       map teacher log-probs onto student positions (byte-exact chunks), using
+    ④ ``alignment``       which bytes correspond: byte-exact chunks of both tokenizations, using
                           ``token_bytes`` for the bytes each token id spells
-    ⑤ ``hooks``           slime's reward / post-process hooks: write ``sample.teacher_log_probs``
+    ⑤ ``credit``          the teacher's value of each student token (its probability of that student token)
+    ⑥ ``hooks``           slime's reward / post-process hooks: write ``sample.teacher_log_probs``
 
 The names below are the public API; they import lazily, so ``import slime_xvocab`` stays cheap and needs
 none of slime, ray, sglang or megatron.
@@ -30,7 +31,11 @@ _EXPORTS = {
     "align_response": "alignment",
     "align_spans": "alignment",
     "align_tokens": "alignment",
-    "assign_credit": "alignment",
+    "assign_credit": "credit",
+    "CreditResult": "credit",
+    "StudentExtensions": "credit",
+    "student_extensions": "credit",
+    "student_token_credit": "credit",
     "encode_bytes": "alignment",
     "TeacherView": "teacher_view",
     "TeacherViewBuilder": "teacher_view",

@@ -658,6 +658,12 @@ def align_response(
         keep = max(0, max_teacher_tokens)
         teacher_end = int(encoding.spans[:keep, 1].max()) if keep else 0
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
+    if encoding.exact and teacher_end == len(data):
+        # Byte-exact and complete (the usual case): token byte lengths alone place every token.
+        s_len = student_table.lengths_of(student_ids)
+        t_len = np.diff(encoding.spans, axis=1).reshape(-1)
+        counts = np.array([len(s_len)]), np.array([len(t_len)])
+        return encoding, align_lengths_flat(s_len, counts[0], t_len, counts[1])[0]
     student_spans = response_spans(student_ids, student_table)
     alignment = align_spans(
         student_spans,
@@ -683,17 +689,38 @@ def drop_rewritten_chunks(
     """
     if not alignment.num_chunks:
         return alignment
+    n = alignment.num_chunks
     s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
-    s_lo = np.full(alignment.num_chunks, np.iinfo(np.int64).max)
-    s_hi = np.zeros(alignment.num_chunks, dtype=np.int64)
+    big = np.iinfo(np.int64).max
+    s_lo, s_hi = np.full(n, big), np.zeros(n, dtype=np.int64)
     aligned = s_chunk >= 0
     np.minimum.at(s_lo, s_chunk[aligned], student_spans[aligned, 0])
     np.maximum.at(s_hi, s_chunk[aligned], student_spans[aligned, 1])
-    t_order = np.flatnonzero(t_chunk >= 0)
+    # Teacher text of each chunk: its tokens are consecutive, so a range of the teacher's concatenated bytes.
+    t_len = teacher_table.lengths_of(teacher_ids)
+    t_end = np.cumsum(t_len)
+    t_start = t_end - t_len
+    in_chunk = t_chunk >= 0
+    t_lo, t_hi = np.full(n, big), np.zeros(n, dtype=np.int64)
+    np.minimum.at(t_lo, t_chunk[in_chunk], t_start[in_chunk])
+    np.maximum.at(t_hi, t_chunk[in_chunk], t_end[in_chunk])
+    teacher_bytes = teacher_table.bytes_of(teacher_ids)
+    # Byte-identical chunks (almost all) are settled at once; only the others are compared up to NFKC.
+    x = np.frombuffer(data, dtype=np.uint8)
+    y = np.frombuffer(teacher_bytes, dtype=np.uint8)
+    same_len = (s_hi - s_lo) == (t_hi - t_lo)
+    same = same_len.copy()
+    idx = np.flatnonzero(same_len & (s_hi > s_lo))
+    if len(idx):
+        lengths = (s_hi - s_lo)[idx]
+        owner = np.repeat(np.arange(len(idx)), lengths)
+        rank = np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        differs = x[s_lo[idx][owner] + rank] != y[t_lo[idx][owner] + rank]
+        same[idx[np.unique(owner[differs])]] = False
     bad = []
-    for c in range(alignment.num_chunks):
+    for c in np.flatnonzero(~same).tolist():
         student_text = data[s_lo[c]:s_hi[c]].decode("utf-8", errors="replace")
-        teacher_text = teacher_table.bytes_of(teacher_ids[t_order[t_chunk[t_order] == c]]).decode("utf-8", "replace")
+        teacher_text = teacher_bytes[t_lo[c]:t_hi[c]].decode("utf-8", "replace")
         if unicodedata.normalize("NFKC", student_text) != unicodedata.normalize("NFKC", teacher_text):
             bad.append(c)
     if not bad:

@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 
 from .alignment import Unaligned, describe_mismatch
+from .config import API_KEY_ENV, OLD_API_KEY_ENV
 from .errors import ConfigError, SampleError, TeacherBadResponse, TeacherError, XVocabError
 from .token_bytes import TokenBytes, token_bytes
+from .urls import redact_url
 
 logger = logging.getLogger("slime_xvocab.check")
 
@@ -335,10 +337,42 @@ def load_tokenizer_spec(spec: str, *, trust_remote_code: bool = False) -> tuple[
         return tok, family
     if spec in assets.TOKENIZERS:
         return assets.load_tokenizer(spec), spec
-    raise InputError(
-        f"{spec!r} is neither a directory nor a known tokenizer family; pass a local model or tokenizer "
-        f"directory (loadable with AutoTokenizer.from_pretrained) or one of: {', '.join(assets.TOKENIZERS)}"
-    )
+    if not _looks_like_hub_id(spec):
+        raise InputError(
+            f"{spec!r} is neither a directory nor a known tokenizer family nor a hub id (org/name); pass a local "
+            "model or tokenizer directory (loadable with AutoTokenizer.from_pretrained), a Hugging Face hub id, "
+            f"or one of: {', '.join(assets.TOKENIZERS)}"
+        )
+    from transformers import AutoTokenizer
+
+    try:  # a hub id, as the hooks accept for xvocab_*_tokenizer
+        tok = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad spec
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InputError(
+            f"cannot load a tokenizer from the hub id {spec!r}: {type(e).__name__}: {first}. Pass a local model "
+            f"or tokenizer directory, a bundled family ({', '.join(assets.TOKENIZERS)}), or a hub id reachable "
+            "from here."
+        ) from None
+    return tok, type(tok).__name__
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    """``org/name`` (what the hooks would hand to ``from_pretrained`` as a hub id), not a path."""
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~")) and " " not in spec
+
+
+def env_api_key(environ: Any = None) -> str | None:
+    """The teacher API key from ``XVOCAB_API_KEY`` (what the hooks read), else from the deprecated
+    ``SLIME_XVOCAB_TEACHER_API_KEY`` with a warning on stderr."""
+    environ = os.environ if environ is None else environ
+    if environ.get(API_KEY_ENV):
+        return environ[API_KEY_ENV]
+    if environ.get(OLD_API_KEY_ENV):
+        print(f"warning: {OLD_API_KEY_ENV} is deprecated: set {API_KEY_ENV} (read by the hooks too)", file=sys.stderr)
+        return environ[OLD_API_KEY_ENV]
+    return None
 
 
 def end_of_turn_id(tok: Any, table: TokenBytes, template_kwargs: dict | None = None) -> int | None:
@@ -417,6 +451,7 @@ class SampleResult:
     exact_bytes: bool = True
     mismatch: str | None = None
     mismatch_reasons: list[str] = field(default_factory=list)
+    mismatch_cause: str | None = None
     view: Any = None
 
 
@@ -513,7 +548,33 @@ def analyse_sample(
             if s_bytes != t_bytes
             else "the teacher's tokens spell the same bytes, but their offsets miss some student token"
         )
+        res.mismatch_cause = mismatch_cause(s_bytes, t_bytes)
     return res
+
+
+def mismatch_cause(student: bytes, teacher: bytes) -> str:
+    """The most specific known reason why the teacher's tokens do not spell the student's bytes (pure).
+
+    Example:
+        >>> mismatch_cause("a\u2581b".encode(), b"a b")  # doctest: +ELLIPSIS
+        'the teacher tokenizer spells a literal U+2581 (\u2581, the SentencePiece space mark) as a space: ...
+    """
+    if student == teacher:
+        return "the teacher's tokens spell the same bytes, but their offsets miss some student token"
+    s_text, t_text = student.decode("utf-8", "replace"), teacher.decode("utf-8", "replace")
+    if "\u2581" in s_text and s_text.replace("\u2581", " ") == t_text:
+        return (
+            "the teacher tokenizer spells a literal U+2581 (\u2581, the SentencePiece space mark) as a space: "
+            "text containing it cannot round-trip through that tokenizer; remove U+2581 from the data"
+        )
+    for form in ("NFC", "NFKC"):
+        if unicodedata.normalize(form, s_text) == unicodedata.normalize(form, t_text):
+            return f"the teacher tokenizer {form}-normalises text; {form}-normalise the data"
+    if "".join(s_text.split()) == "".join(t_text.split()):
+        return "the teacher tokenizer changes whitespace (collapses, strips or adds spaces/newlines)"
+    if len(teacher) < len(student) and student.startswith(teacher):
+        return "the teacher's tokens stop early (a context limit?)"
+    return "the teacher's tokens spell different text (see byte_mismatch_examples for where)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -549,7 +610,13 @@ def aggregate(results: Sequence[SampleResult], mode: str = "chunk") -> dict[str,
         "eot_mapped_fraction": sum(r.eot_mapped for r in results) / n if n else 0.0,
         "byte_mismatch_samples": len(mism),
         "byte_mismatch_examples": [
-            {"row": r.row, "where": r.where, "reasons": r.mismatch_reasons, "detail": r.mismatch}
+            {
+                "row": r.row,
+                "where": r.where,
+                "reasons": r.mismatch_reasons,
+                "cause": r.mismatch_cause,
+                "detail": r.mismatch,
+            }
             for r in mism[:MAX_EXAMPLES]
         ],
         "normalized_samples": sum(1 for r in results if not r.exact_bytes and r.mismatch is None),
@@ -571,24 +638,29 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-async def teacher_info(url: str, *, timeout_s: float, api_key: str | None) -> dict[str, Any]:
+async def teacher_info(
+    url: str, *, timeout_s: float, api_key: str | None, ca_bundle: str | None = None
+) -> dict[str, Any]:
     """Health, ``/model_info`` and ``/server_info`` of the teacher; failures are counted, never raised."""
     from .teacher_client import TeacherClient
 
     out: dict[str, Any] = {
-        "url": url,
+        "url": redact_url(url),
         "healthy": False,
         "model_info": None,
         "server_info": None,
         "errors": 0,
         "error_messages": [],
     }
-    async with TeacherClient(url, timeout_s=timeout_s, max_retries=1, api_key=api_key) as client:
+    async with TeacherClient(
+        url, timeout_s=timeout_s, max_retries=1, api_key=api_key, ca_bundle=ca_bundle
+    ) as client:
         health = await client.health()
         out["healthy"] = bool(health) and all(health.values())
         if not out["healthy"]:
             out["errors"] += 1
-            out["error_messages"].append(f"health check failed ({client.health_path}): {health}")
+            shown = {redact_url(u): ok for u, ok in health.items()}
+            out["error_messages"].append(f"health check failed ({client.health_path}): {shown}")
         for key, call in (("model_info", client.model_info), ("server_info", client.server_info)):
             try:
                 out[key] = await call()
@@ -605,6 +677,7 @@ async def probe_scores(
     timeout_s: float,
     api_key: str | None,
     repeats: int = 2,
+    ca_bundle: str | None = None,
 ) -> dict[str, Any]:
     """Score every item ``repeats`` times, one call at a time.
 
@@ -620,7 +693,9 @@ async def probe_scores(
     diffs: list[float] = []
     firsts: list[np.ndarray] = []
     errors, bad, messages = 0, 0, []
-    async with TeacherClient(url, timeout_s=timeout_s, max_retries=1, api_key=api_key) as client:
+    async with TeacherClient(
+        url, timeout_s=timeout_s, max_retries=1, api_key=api_key, ca_bundle=ca_bundle
+    ) as client:
         for ids, start in items:
             runs = []
             for _ in range(repeats):
@@ -702,10 +777,13 @@ def collect_warnings(
         )
     n = report["samples"]
     if report["byte_mismatch_samples"]:
+        first = report["byte_mismatch_examples"][0] if report["byte_mismatch_examples"] else {}
+        causes = sorted({str(e.get("cause")) for e in report["byte_mismatch_examples"] if e.get("cause")})
+        headline = "; ".join(causes) or "see byte_mismatch_examples"
         w.append(
-            f"{report['byte_mismatch_samples']}/{n} samples have bytes the teacher cannot reproduce "
-            "(see byte_mismatch_examples); their tokens get no teacher signal. Check the teacher "
-            "tokenizer's normaliser, or clean the text (e.g. NFC-normalise the data)"
+            f"{report['byte_mismatch_samples']}/{n} samples have bytes the teacher cannot reproduce: {headline} "
+            f"(first: {first.get('where', '?')}). Their tokens get no teacher signal; details in "
+            "byte_mismatch_examples"
         )
     if report["eot_unmapped_samples"] and not report.get("end_of_turn", {}).get("unscored_by_choice"):
         w.append(
@@ -1025,9 +1103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=200, help="check the first N conversations (default 200)")
     p.add_argument(
         "--mode",
-        choices=("chunk", "exact"),
-        default="chunk",
-        help="credit mode training will use; sets which fraction is the signal fraction (default chunk)",
+        choices=("student_token", "chunk", "exact"),
+        default="student_token",
+        help="credit mode training will use (xvocab_credit_mode); sets which fraction is the signal fraction "
+        "(default student_token: every covered token, like chunk; exact: 1:1 tokens only)",
     )
     p.add_argument(
         "--teacher-url",
@@ -1037,8 +1116,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("SLIME_XVOCAB_TEACHER_API_KEY"),
-        help="teacher API key (default: $SLIME_XVOCAB_TEACHER_API_KEY)",
+        default=None,
+        help=f"teacher API key (default: ${API_KEY_ENV}, the variable the hooks read; never printed)",
+    )
+    p.add_argument(
+        "--ca-bundle",
+        default=None,
+        help="PEM file of the CA(s) that sign an https teacher's certificate (xvocab_ca_bundle)",
     )
     p.add_argument("--teacher-timeout", type=float, default=60.0, help="seconds per teacher request (default 60)")
     p.add_argument("--probe-samples", type=int, default=8, help="samples scored twice by the probe (default 8)")
@@ -1183,9 +1267,15 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
 
     probe: dict[str, Any] | None = None
     max_teacher_tokens, limit_source = args.max_teacher_tokens, "--max-teacher-tokens"
+    if args.api_key is None:
+        args.api_key = env_api_key()
     if args.teacher_url:
         try:
-            probe = asyncio.run(teacher_info(args.teacher_url, timeout_s=args.teacher_timeout, api_key=args.api_key))
+            probe = asyncio.run(
+                teacher_info(
+                    args.teacher_url, timeout_s=args.teacher_timeout, api_key=args.api_key, ca_bundle=args.ca_bundle
+                )
+            )
         except ValueError as e:  # a malformed URL
             raise InputError(f"--teacher-url: {e}") from None
         server_limit = (probe.get("server_info") or {}).get("max_req_input_len")
@@ -1259,7 +1349,9 @@ def run_check(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, list[
             if r.view is not None and r.teacher_tokens > 0
         ]
         scores = asyncio.run(
-            probe_scores(args.teacher_url, items, timeout_s=args.teacher_timeout, api_key=args.api_key)
+            probe_scores(
+                args.teacher_url, items, timeout_s=args.teacher_timeout, api_key=args.api_key, ca_bundle=args.ca_bundle
+            )
         )
         probe["errors"] += scores.pop("errors")
         probe["error_messages"] += scores.pop("error_messages")

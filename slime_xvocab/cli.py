@@ -26,7 +26,7 @@ def _usage() -> str:
     width = max(map(len, SUBCOMMANDS))
     lines = ["usage: slime-xvocab <command> [options]", "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
-    lines += ["", "Run `slime-xvocab <command> --help` for a command's options."]
+    lines += ["", "Run `slime-xvocab <command> --help` for a command's options; `slime-xvocab --version`."]
     return "\n".join(lines)
 
 
@@ -34,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"slime-xvocab {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:

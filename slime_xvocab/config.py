@@ -35,8 +35,18 @@ from .credit import CHUNK_SPLITS, CREDIT_MODES, DEFAULT_TOP_K
 from .dense import DEFAULT_DENSE_TOP_K, DIVERGENCES
 from .errors import ConfigError
 from .teacher_view import PROMPT_FORMATS, SYSTEM_PROMPT_POLICIES
+from .urls import check_url, has_credentials, is_loopback, redact_url
 
-__all__ = ["XVocabConfig", "fields_reference", "reference_markdown", "ARG_PREFIX", "ENV_PREFIX", "FALLBACKS"]
+__all__ = [
+    "XVocabConfig",
+    "fields_reference",
+    "reference_markdown",
+    "ARG_PREFIX",
+    "ENV_PREFIX",
+    "FALLBACKS",
+    "API_KEY_ENV",
+    "OLD_API_KEY_ENV",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +54,12 @@ ARG_PREFIX = "xvocab_"
 ENV_PREFIX = "XVOCAB_"
 FALLBACKS = ("student", "error")
 UNSCORED_POLICIES = ("keep", "mask")
+#: The one environment variable for the teacher API key (hooks, ``check``, ``serve-teacher``).
+API_KEY_ENV = "XVOCAB_API_KEY"
+#: Its old name (read by ``check`` before 0.2); still accepted, with a deprecation warning.
+OLD_API_KEY_ENV = "SLIME_XVOCAB_TEACHER_API_KEY"
+#: Settings whose values are never printed (logs, errors, ``to_dict``).
+SECRET_FIELDS = frozenset({"api_key"})
 
 
 def _opt(
@@ -67,7 +83,7 @@ class XVocabConfig:
     """The plugin's settings. Build it with :meth:`from_args`; field ``name`` is ``args.xvocab_<name>``.
 
     ``kind`` in each field's metadata is one of ``str``, ``opt_str``, ``urls``, ``choice``, ``dict``,
-    ``int``, ``opt_int``, ``float``, ``bool``.
+    ``int``, ``opt_int``, ``float``, ``opt_float``, ``bool``.
     """
 
     teacher_tokenizer: str | None = _opt(
@@ -91,7 +107,8 @@ class XVocabConfig:
     api_key: str | None = _opt(
         None,
         "Sent as `Authorization: Bearer <key>` (SGLang `--api-key`). Prefer the XVOCAB_API_KEY environment "
-        "variable to keep it out of files; never logged.",
+        "variable (the hooks and `check` read it; the old SLIME_XVOCAB_TEACHER_API_KEY still works, with a "
+        "deprecation warning): slime prints YAML keys with its arguments. Never logged by the plugin.",
         "opt_str",
     )
     credit_mode: str = _opt(
@@ -207,8 +224,21 @@ class XVocabConfig:
     timeout_s: float = _opt(
         120.0, "Per-attempt HTTP timeout for one teacher request, seconds.", "float", minimum=1e-3
     )
-    max_retries: int = _opt(
-        3, "Retries after the first attempt (connection errors, timeouts, 5xx, 408, 429).", "int", minimum=0
+    retry_budget_s: float = _opt(
+        60.0,
+        "How long a teacher request keeps being retried after its first failure (connection errors, timeouts, "
+        "5xx, 408, 429), seconds: exponential backoff with full jitter (at most 8 s per sleep), longer when "
+        "the server sends Retry-After. The default rides through a router failover or a replica restart; 0 "
+        "disables retries.",
+        "float",
+        minimum=0.0,
+    )
+    max_retries: int | None = _opt(
+        None,
+        "Optional cap on retries per teacher request, on top of xvocab_retry_budget_s (which alone bounds "
+        "them by default). Deprecated as the main knob: set xvocab_retry_budget_s.",
+        "opt_int",
+        minimum=0,
     )
     max_concurrency: int = _opt(
         32,
@@ -228,10 +258,12 @@ class XVocabConfig:
     unscored: str = _opt(
         "keep",
         "What happens to response tokens without a teacher value (unaligned, not 1:1 in exact mode, or a "
-        "sample that fell back): `keep` trains them with OPD delta 0; `mask` also sets their `loss_mask` to 0. "
-        "With slime's `--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean "
-        "reverse KL / std, pushing those tokens up); `mask` keeps them out of the loss and of the whitening "
-        "statistics, at the price of any task-reward gradient there.",
+        "sample that fell back): `keep` gives them the student's rollout log-prob, an OPD delta of exactly 0 with "
+        "slime's `--use-rollout-logprobs` (by default slime recomputes the student's log-probs in Megatron, and "
+        "the delta there is the train/inference mismatch); `mask` also sets their `loss_mask` to 0. With slime's "
+        "`--normalize-advantages` a delta of 0 is not neutral (whitening turns it into +mean reverse KL / std, "
+        "pushing those tokens up); `mask` keeps them out of the loss and of the whitening statistics, at the "
+        "price of any task-reward gradient there. Measured in docs/how-it-fits.md.",
         "choice",
         choices=UNSCORED_POLICIES,
     )
@@ -254,6 +286,32 @@ class XVocabConfig:
         "Like inner_rm_type, with your own reward function by dotted path "
         "(`async def rm(args, sample, **kwargs)`, slime's --custom-rm-path contract).",
         "opt_str",
+    )
+    teacher_temperature: float | None = _opt(
+        None,
+        "Temperature T of the teacher's log-probs, log softmax(z / T), sent as SGLang's "
+        "`input_logprob_temperature` (sglang#36213, slime#2325) when T != 1. Default: slime's "
+        "`--rollout-temperature`, so OPD compares student and teacher at the same temperature. A server "
+        "without that option ignores it and answers at T = 1; the plugin reads the temperature the server "
+        "echoes in its first answer and warns once when it differs (training goes on at T = 1).",
+        "opt_float",
+        minimum=1e-6,
+    )
+    ca_bundle: str | None = _opt(
+        None,
+        "PEM file of the CA(s) that sign an https teacher's certificate (a private CA). Default: the system "
+        "store (and SSL_CERT_FILE).",
+        "opt_str",
+    )
+    verify_tls: bool = _opt(
+        True, "Verify the certificate of an https teacher. false is for testing only (warns).", "bool"
+    )
+    startup_probe: bool = _opt(
+        True,
+        "On the first reward call, check once per process that the teacher answers /health_generate and that "
+        "its vocabulary and context length fit the teacher tokenizer and xvocab_max_teacher_tokens; stop with "
+        "one clear error otherwise (instead of a rollout of fallbacks).",
+        "bool",
     )
     trust_remote_code: bool = _opt(
         True, "Passed to `AutoTokenizer.from_pretrained` for both tokenizers (slime loads with True).", "bool"
@@ -291,6 +349,11 @@ class XVocabConfig:
                 problems.append(f"unknown key {key!r}{_did_you_mean(key, [ARG_PREFIX + n for n in _FIELDS])}")
             elif value is not None:
                 raw[name] = (value, key)
+        if environ.get(OLD_API_KEY_ENV) and not environ.get(API_KEY_ENV) and "api_key" not in raw:
+            message = f"{OLD_API_KEY_ENV} is deprecated: set {API_KEY_ENV} (read by the hooks and `check` alike)"
+            warnings.warn(message, DeprecationWarning, stacklevel=2)
+            logger.warning(message)
+            raw["api_key"] = (environ[OLD_API_KEY_ENV], f"{OLD_API_KEY_ENV} (environment)")
         for key, text in environ.items():
             if not key.startswith(ENV_PREFIX):
                 continue
@@ -302,7 +365,7 @@ class XVocabConfig:
             try:
                 raw[name] = (_parse_env(text, _FIELDS[name].metadata["kind"]), f"{key} (environment)")
             except ValueError as exc:
-                problems.append(f"{key} (environment) = {text!r}: {exc}")
+                problems.append(f"{key} (environment) = {_shown(name, text)}: {exc}")
 
         values: dict[str, Any] = {}
         for name, (value, where) in raw.items():
@@ -311,14 +374,18 @@ class XVocabConfig:
             try:
                 values[name] = _coerce(value, _FIELDS[name].metadata)
             except ValueError as exc:
-                problems.append(f"{where} = {value!r}: {exc}")
+                problems.append(f"{where} = {_shown(name, value)}: {exc}")
 
         if "teacher_urls" not in raw and getattr(args, "rm_url", None):
             values["teacher_urls"] = _coerce(args.rm_url, _FIELDS["teacher_urls"].metadata)
+        rollout_t = getattr(args, "rollout_temperature", None)
+        if "teacher_temperature" not in values and isinstance(rollout_t, (int, float)) and rollout_t > 0:
+            values["teacher_temperature"] = float(rollout_t)  # as slime's own OPD (#2085, #2325)
         if "student_tokenizer" not in raw and getattr(args, "hf_checkpoint", None):
             values["student_tokenizer"] = str(args.hf_checkpoint)
         problems += _check_required(values)
         problems += _check_combinations(values, args)
+        problems += _check_transport(values)
         if problems:
             raise ConfigError(
                 f"slime-xvocab configuration has {len(problems)} problem(s):\n"
@@ -329,17 +396,22 @@ class XVocabConfig:
             )
         config = cls(**values)
         if warn:
-            for message in _warnings(config, args):
+            from_args = "api_key" in raw and raw["api_key"][1] == ARG_PREFIX + "api_key"
+            for message in _warnings(config, args) + _transport_warnings(config, key_from_args=from_args):
                 warnings.warn(message, stacklevel=2)
                 logger.warning(message)
         return config
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
-        """Plain dict of every setting (for run logs); the API key reads ``"***"`` unless ``redact=False``."""
+        """Plain dict of every setting (for run logs). Unless ``redact=False`` the API key reads ``"***"`` and
+        URL credentials ``***@``."""
         out = dataclasses.asdict(self)
         out["teacher_urls"] = list(self.teacher_urls)
-        if redact and out.get("api_key"):
-            out["api_key"] = "***"
+        if redact:
+            out["teacher_urls"] = [redact_url(u) for u in self.teacher_urls]
+            for name in SECRET_FIELDS:
+                if out.get(name):
+                    out[name] = "***"
         return out
 
     def __repr__(self) -> str:
@@ -362,10 +434,17 @@ def _did_you_mean(key: str, options: list[str]) -> str:
     )
 
 
+def _shown(name: str, value: Any) -> str:
+    """How a rejected value appears in a ConfigError: secrets never, URLs without credentials."""
+    if name in SECRET_FIELDS:
+        return f"<redacted {type(value).__name__}>"
+    return redact_url(repr(value))
+
+
 def _parse_env(text: str, kind: str) -> Any:
     """Turn an environment string into the value a YAML file would have given."""
     text = text.strip()
-    if kind in ("opt_str", "opt_int") and text.lower() in ("", "none", "null"):
+    if kind in ("opt_str", "opt_int", "opt_float") and text.lower() in ("", "none", "null"):
         return None
     if kind == "urls":
         return [u.strip() for u in text.split(",") if u.strip()]
@@ -381,7 +460,7 @@ def _parse_env(text: str, kind: str) -> Any:
             return int(text)
         except ValueError:
             raise ValueError("must be an integer") from None
-    if kind == "float":
+    if kind in ("float", "opt_float"):
         try:
             return float(text)
         except ValueError:
@@ -419,9 +498,10 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
         if not isinstance(items, (list, tuple)) or not all(isinstance(u, str) for u in items):
             raise ValueError("must be a URL or a list of URLs")
         items = [u.strip() for u in items if u.strip()]
-        bad = [u for u in items if not u.startswith(("http://", "https://"))]
-        if bad:
-            raise ValueError(f"{bad[0]!r} must start with http:// or https:// (e.g. http://127.0.0.1:30000)")
+        for u in items:
+            problem = check_url(u)
+            if problem is not None:
+                raise ValueError(problem)
         return tuple(items)
     if kind == "dict":
         if not isinstance(value, dict):
@@ -436,7 +516,7 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
     if kind in ("int", "opt_int"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"must be an integer, got {type(value).__name__}")
-    elif kind == "float":
+    elif kind in ("float", "opt_float"):
         if isinstance(value, str):  # YAML reads 1e-3 without a dot as a string
             try:
                 value = float(value)
@@ -478,6 +558,15 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
         problems.append(f"xvocab_inner_rm_path={path!r} must be a dotted path `package.module.function`")
     if path and path.startswith("slime_xvocab.hooks."):
         problems.append("xvocab_inner_rm_path points at slime_xvocab's own reward hook (infinite recursion)")
+    rm_url = getattr(args, "rm_url", None)
+    if values.get("inner_rm_type") == "remote_rm" and rm_url:
+        rm_urls = {u.strip() for u in (rm_url.split(",") if isinstance(rm_url, str) else rm_url)}
+        if rm_urls & set(values.get("teacher_urls", ())):
+            problems.append(
+                f"xvocab_inner_rm_type is remote_rm, which posts rewards to --rm-url, but --rm-url "
+                f"({rm_url}) is also the teacher URL (xvocab_teacher_urls defaults to --rm-url): set "
+                "xvocab_teacher_urls to the teacher server and keep --rm-url for the reward server"
+            )
     if getattr(args, "use_opd", None) is False and not values.get("dense"):
         problems.append(
             "slime's --use-opd is not set, so teacher_log_probs would be computed and then ignored. Add "
@@ -492,14 +581,81 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
     return problems
 
 
+def _check_transport(values: Mapping[str, Any]) -> list[str]:
+    """Credentials and TLS settings that would fail at the first request: report them now."""
+    problems = []
+    urls = values.get("teacher_urls") or ()
+    if values.get("api_key") and any(has_credentials(u) for u in urls):
+        problems.append(
+            "xvocab_teacher_urls carries user:password@ and xvocab_api_key is set too: an HTTP request can "
+            "carry only one Authorization header; keep one"
+        )
+    bundle = values.get("ca_bundle")
+    if bundle:
+        import ssl
+
+        try:
+            ssl.create_default_context(cafile=bundle)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(
+                f"xvocab_ca_bundle={bundle!r} cannot be used ({type(exc).__name__}: {exc}); give a readable PEM "
+                "file of CA certificates"
+            )
+    return problems
+
+
+def _transport_warnings(config: XVocabConfig, *, key_from_args: bool) -> list[str]:
+    out = []
+    plain = [u for u in config.teacher_urls if u.lower().startswith("http://") and not is_loopback(u)]
+    if plain and (config.api_key or any(has_credentials(u) for u in plain)):
+        out.append(
+            f"teacher credentials go in clear text over plain http to {redact_url(plain[0])}: use https:// "
+            "(xvocab_ca_bundle for a private CA) or keep the teacher on a private network"
+        )
+    if key_from_args:
+        out.append(
+            f"xvocab_api_key is set in the YAML / flags, which slime prints with its arguments at start-up; set "
+            f"the {API_KEY_ENV} environment variable instead"
+        )
+    if not config.verify_tls:
+        out.append("xvocab_verify_tls is false: the teacher's certificate is not checked (testing only)")
+    return out
+
+
 def _warnings(config: XVocabConfig, args: Any) -> list[str]:
     out = []
     temperature = getattr(args, "rollout_temperature", None)
-    if temperature is not None and float(temperature) != 1.0:
+    teacher_t = 1.0 if config.teacher_temperature is None else config.teacher_temperature
+    if temperature is not None and float(temperature) != teacher_t:
         out.append(
-            f"--rollout-temperature is {temperature}, but SGLang returns teacher input log-probs at "
-            "temperature 1 while slime divides the student's logits by the rollout temperature, so the OPD "
-            "delta compares different temperatures. Use --rollout-temperature 1."
+            f"xvocab_teacher_temperature is {teacher_t} but --rollout-temperature is {temperature}: slime "
+            "divides the student's logits by the rollout temperature, so the OPD delta compares different "
+            "temperatures. Leave xvocab_teacher_temperature unset (it follows --rollout-temperature)."
+        )
+    if teacher_t != 1.0:
+        out.append(
+            f"teacher log-probs at temperature {teacher_t} need an SGLang teacher with input_logprob_temperature "
+            "(sglang#36213); a server without it answers at temperature 1 (the plugin warns on its first answer). "
+            "--rollout-temperature 1 avoids the question."
+        )
+    top_p = getattr(args, "rollout_top_p", None)
+    if top_p is not None and float(top_p) < 1.0:
+        out.append(
+            f"--rollout-top-p is {top_p}: slime renormalises the student's log-probs over the sampled nucleus, "
+            "while the teacher's are scored over its full vocabulary, so the OPD delta carries the student's "
+            "log(nucleus mass) on every token. Use --rollout-top-p 1 for distillation."
+        )
+    if config.unscored == "keep" and getattr(args, "use_rollout_logprobs", None) is False:
+        out.append(
+            "xvocab_unscored is keep without --use-rollout-logprobs: positions without a teacher value get the "
+            "student's SGLang rollout log-prob, but slime's OPD delta uses Megatron's recomputed log-prob, so "
+            "their delta is the train/inference mismatch, not 0. Add --use-rollout-logprobs (delta exactly 0) "
+            "or set xvocab_unscored: mask (docs/how-it-fits.md)."
+        )
+    if config.unscored == "keep" and getattr(args, "normalize_advantages", False):
+        out.append(
+            "xvocab_unscored is keep with --normalize-advantages: whitening moves the zero OPD delta of positions "
+            "without a teacher value by the batch mean; set xvocab_unscored: mask to keep them out of the loss."
         )
     post = getattr(args, "custom_reward_post_process_path", None)
     if hasattr(args, "custom_reward_post_process_path") and post != "slime_xvocab.hooks.post_process_rewards":
@@ -551,6 +707,7 @@ _KIND_NAMES = {
     "int": "integer",
     "opt_int": "integer",
     "float": "number",
+    "opt_float": "number",
     "bool": "boolean",
 }
 
@@ -561,6 +718,8 @@ def _format_default(entry: Mapping[str, Any]) -> str:
         return "`--hf-checkpoint`"
     if entry["name"] == "teacher_urls":
         return "`--rm-url`"
+    if entry["name"] == "teacher_temperature":
+        return "`--rollout-temperature`"
     if default is None or default == ():
         return "—"
     if isinstance(default, dict):

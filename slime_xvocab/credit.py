@@ -176,6 +176,7 @@ class StudentExtensions:
         self._cache_size = cache_size
         self._lock = threading.Lock()
         self.last_class = _last_char_classes(table)  # int8 [vocab]
+        self._blob, self._offsets = table.blob.tobytes(), table.offsets.tolist()
         self.junction_splits = _probe_junctions(tokenizer)  # bool [classes, classes]
 
     def may_change(self, ids: np.ndarray, following_first_byte: np.ndarray) -> np.ndarray:
@@ -192,25 +193,67 @@ class StudentExtensions:
         if hit is not None:
             return hit
         result = self._tokenize_check(token_id, following)
+        self._store(key, result)
+        return result
+
+    def spelled(self, token_id: int) -> bytes:
+        """The bytes of one token (a Python slice: per-token numpy calls would cost more than the work)."""
+        return self._blob[self._offsets[token_id]:self._offsets[token_id + 1]]
+
+    def extends_many(self, questions: Sequence[tuple[int, bytes]]) -> np.ndarray:
+        """:meth:`extends` for many (token id, following bytes) pairs; new ones are tokenized in one batch."""
+        out = np.zeros(len(questions), dtype=bool)
+        texts, where, owns = [], [], []
+        for i, key in enumerate(questions):
+            hit = self._cache.get(key)
+            if hit is not None:
+                out[i] = hit
+                continue
+            own = self.spelled(key[0])
+            text = _junction_text(own, key[1])
+            if text is None:
+                self._store(key, False)
+            elif self.table.adds_dummy_prefix:  # the anchor trick is per text: no batch
+                out[i] = self.extends(*key)
+            else:
+                texts.append(text)
+                where.append(i)
+                owns.append(own)
+        if texts:
+            with tokenizer_lock(self.tokenizer):
+                encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            for i, own, ids in zip(where, owns, encoded):
+                out[i] = not ids or self.spelled(ids[0]) != own
+                self._store(questions[i], bool(out[i]))
+        return out
+
+    def _store(self, key: tuple[int, bytes], value: bool) -> None:
         with self._lock:
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
-            self._cache[key] = result
-        return result
+            self._cache[key] = value
 
     def _tokenize_check(self, token_id: int, following: bytes) -> bool:
-        own = self.table.bytes_of([token_id])
-        if not own or not following:
+        own = self.spelled(token_id)
+        text = _junction_text(own, following)
+        if text is None:
             return False
-        for cut in range(len(following), max(0, len(following) - 4), -1):
-            try:
-                text = (own + following[:cut]).decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            with tokenizer_lock(self.tokenizer):
-                ids, _ = _encode_continuation(self.tokenizer, self.table, text)
-            return not len(ids) or self.table.bytes_of(ids[:1]) != own
-        return False  # no character boundary to test at: the token stays
+        with tokenizer_lock(self.tokenizer):
+            ids, _ = _encode_continuation(self.tokenizer, self.table, text)
+        return not len(ids) or self.spelled(int(ids[0])) != own
+
+
+def _junction_text(own: bytes, following: bytes) -> str | None:
+    """``own + following`` as text, cutting ``following`` back to a character boundary; None when the token
+    spells nothing, nothing follows, or no cut decodes (then the token is taken to stay)."""
+    if not own or not following:
+        return None
+    for cut in range(len(following), max(0, len(following) - 4), -1):
+        try:
+            return (own + following[:cut]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return None
 
 
 # Character classes of the junction table. PARTIAL: the token ends inside a character (or a following byte
@@ -329,10 +372,14 @@ def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: T
     else:
         if len(top) != n:
             raise ValueError(f"top-k has {len(top)} positions, the teacher scored {n}")
-        counts = np.fromiter((len(t[0]) for t in top), dtype=np.int64, count=n)
+        if hasattr(top, "offsets"):  # sglang_wire.TopK: already flat
+            counts = np.diff(top.offsets)
+            t_ids, t_lp = np.asarray(top.ids, dtype=np.int64), np.asarray(top.lps, dtype=np.float64)
+        else:
+            counts = np.fromiter((len(t[0]) for t in top), dtype=np.int64, count=n)
+            t_ids = np.concatenate([np.asarray(t[0], dtype=np.int64) for t in top]) if n else np.zeros(0, np.int64)
+            t_lp = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if n else np.zeros(0)
         t_pos = np.repeat(np.arange(n), counts)
-        t_ids = np.concatenate([np.asarray(t[0], dtype=np.int64) for t in top]) if n else np.zeros(0, np.int64)
-        t_lp = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if n else np.zeros(0)
         t_real = t_ids == ids[t_pos]
         listed = np.bincount(t_pos[t_real], minlength=n) > 0
         # Where the top-k missed the observed token, append it: it is on every path we count.
@@ -363,17 +410,22 @@ def _segment_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 def _match_lengths(c: _Candidates, starts: np.ndarray, text: np.ndarray, blob: np.ndarray) -> np.ndarray:
     """How many leading bytes of each candidate agree with ``text`` from its position's start."""
-    owner, k = _segment_ranges(np.zeros(len(c.length), dtype=np.int64), c.length)
-    at = starts[c.pos[owner]] + k
+    out = np.zeros(len(c.length), dtype=np.int64)
     if not len(text):
-        return np.zeros(len(c.length), dtype=np.int64)
-    inside = at < len(text)
-    agree = inside & (blob[c.blob_start[owner] + k] == text[np.minimum(at, len(text) - 1)])
+        return out
+    # Most candidates differ at their first byte: settle those before expanding the rest byte by byte.
+    begin = starts[c.pos]
+    live = np.flatnonzero((c.length > 0) & (begin < len(text)))
+    live = live[blob[c.blob_start[live]] == text[begin[live]]]
+    owner, k = _segment_ranges(np.zeros(len(live), dtype=np.int64), c.length[live])
+    at = begin[live][owner] + k
+    agree = (at < len(text)) & (blob[c.blob_start[live][owner] + k] == text[np.minimum(at, len(text) - 1)])
     # First disagreement per candidate: the smallest k that disagrees, else the full length.
     first_bad = np.where(agree, np.iinfo(np.int64).max, k)
-    out = c.length.copy()
+    matched = c.length[live].copy()
     if len(owner):
-        np.minimum.at(out, owner, first_bad)
+        np.minimum.at(matched, owner, first_bad)
+    out[live] = matched
     return out
 
 
@@ -422,10 +474,10 @@ class _ExtensionQueries:
         if len(todo):
             uniq, first = np.unique(keys[~known], return_index=True)
             blob = self.blob
-            answers = np.array([
-                self.ext.extends(int(student_ids[k]), blob[rem_start[k]:rem_start[k] + rem_len[k]].tobytes())
+            answers = self.ext.extends_many([
+                (int(student_ids[k]), blob[rem_start[k]:rem_start[k] + rem_len[k]].tobytes())
                 for k in todo[first].tolist()
-            ], dtype=bool)
+            ])
             out[todo] = answers[np.searchsorted(uniq, keys[~known])]
             self._remember(uniq[offset[todo[first]] < 255], answers[offset[todo[first]] < 255])
         return out

@@ -139,7 +139,13 @@ def add_messages_to_row(
     out = dict(row)
     metadata = out.get(metadata_key) or {}
     if isinstance(metadata, str):
-        metadata = json.loads(metadata)
+        try:
+            metadata = json.loads(metadata)
+        except ValueError as e:
+            raise SampleError(f"row {row_number}: the {metadata_key!r} column is a string but not JSON ({e})") from None
+    if not isinstance(metadata, Mapping):
+        kind = type(metadata).__name__
+        raise SampleError(f"row {row_number}: the {metadata_key!r} column must be an object, got {kind}")
     metadata = copy.deepcopy(dict(metadata))
     set_path(metadata, messages_key, copy.deepcopy(messages))
     out[metadata_key] = metadata
@@ -160,11 +166,14 @@ class MessagesDataSourceMixin:
     """
 
     def __init__(self, args) -> None:
+        # getattr: slime's own contract tests build the class on an args object with only a few attributes
+        # (no dataset flags); slime's base class then loads no dataset, and neither does this one.
+        apply_template = bool(getattr(args, "apply_chat_template", False))
         inner = copy.copy(args)
         inner.apply_chat_template = False  # keep the message list; rendered below, after it is copied
         inner.rollout_max_prompt_len = None  # slime filters after rendering; so do we
         inner.rollout_shuffle = False  # shuffle once the final sample list exists
-        if args.apply_chat_template and getattr(args, "multimodal_keys", None) is None:
+        if apply_template and getattr(args, "multimodal_keys", None) is None:
             # slime's loader turns a string prompt into a user message whenever multimodal_keys is not
             # None; an empty dict does that without any multimodal processing (keep_messages wraps too).
             inner.multimodal_keys = {}
@@ -181,7 +190,7 @@ class MessagesDataSourceMixin:
         samples = keep_messages(
             dataset.origin_samples,
             key=key,
-            tokenizer=tokenizer if args.apply_chat_template else None,
+            tokenizer=tokenizer if apply_template else None,
             chat_template_kwargs=getattr(args, "apply_chat_template_kwargs", None),
         )
         if args.rollout_max_prompt_len is not None and samples:
@@ -238,13 +247,42 @@ def __getattr__(name: str):
 # Row preprocessing CLI (eval datasets, or any dataset used without the custom data source)
 
 
-def _read_rows(path: Path) -> list[dict]:
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """``(where, row)`` for every row: ``where`` is ``"line N"`` (jsonl, 1-based file line) or ``"row N"``
+    (parquet, 1-based). Raises SampleError naming the file and line for anything unreadable."""
+    if not path.is_file():
+        raise SampleError(f"{path}: no such file; pass an existing .jsonl or .parquet file to --in")
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+            raise SampleError(f"{path.name}: not a readable parquet file ({type(e).__name__}: {e})") from None
+        return [(f"row {k}", row) for k, row in enumerate(rows, start=1)]
+    out = []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SampleError(
+                    f"{path.name}: line {line_no} is not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 4]!r}); "
+                    "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line.lstrip("\ufeff") if line_no == 1 else line)
+            except json.JSONDecodeError as e:
+                raise SampleError(
+                    f"{path.name}: line {line_no} is not JSON ({e.msg} at column {e.colno}); expected one JSON "
+                    "object per line"
+                ) from None
+            if not isinstance(row, dict):
+                raise SampleError(f"{path.name}: line {line_no} is a JSON {type(row).__name__}, not an object (a row)")
+            out.append((f"line {line_no}", row))
+    return out
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -273,17 +311,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metadata-key", default="metadata", help="metadata column (slime's --metadata-key)")
     parser.add_argument("--messages-key", default=DEFAULT_MESSAGES_KEY, help="xvocab_messages_key")
     ns = parser.parse_args(argv)
-    rows = _read_rows(ns.src)
-    out = [
-        add_messages_to_row(
-            row,
-            input_key=ns.input_key,
-            metadata_key=ns.metadata_key,
-            messages_key=ns.messages_key,
-            row_number=k,
-        )
-        for k, row in enumerate(rows)
-    ]
+    try:
+        out = []
+        for k, (where, row) in enumerate(_read_rows(ns.src), start=1):
+            try:
+                out.append(
+                    add_messages_to_row(
+                        row,
+                        input_key=ns.input_key,
+                        metadata_key=ns.metadata_key,
+                        messages_key=ns.messages_key,
+                        row_number=k,
+                    )
+                )
+            except (SampleError, ValueError, TypeError) as e:
+                raise SampleError(f"{ns.src.name}, {where}: {e}") from None
+    except SampleError as e:
+        print(f"python -m slime_xvocab.data_source: {e}", file=sys.stderr)
+        return 2
     _write_rows(ns.dst, out)
     print(f"wrote {len(out)} rows with metadata[{ns.messages_key!r}] to {ns.dst}")
     return 0

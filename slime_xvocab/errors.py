@@ -6,8 +6,8 @@
     │   └── ByteMismatchError  student and teacher token bytes disagree (says where and why)
     ├── TokenizerError         a tokenizer whose token bytes cannot be derived or verified
     └── TeacherError           the teacher server failed
-        ├── TeacherUnavailable     connection refused/reset, 5xx after every retry
-        ├── TeacherTimeout         no answer within the timeout after every retry
+        ├── TeacherUnavailable     connection refused/reset, 5xx, 408/429 after the retry budget
+        ├── TeacherTimeout         no answer within the timeout, after the retry budget
         ├── TeacherRequestRejected 4xx: the server refused the request (not retried)
         └── TeacherBadResponse     an answer that fails validation (wrong length, ids, JSON)
 
@@ -42,15 +42,27 @@ class TokenizerError(XVocabError, ValueError):
 
 
 class TeacherError(XVocabError, RuntimeError):
-    """The teacher server could not score a request."""
+    """The teacher server could not score a request.
+
+    Attributes:
+        attempts: HTTP attempts the call made before giving up (0 when nothing was sent).
+        latency_s: wall time the call spent, retries and backoff included (seconds).
+
+    Both survive pickling (they live in the instance ``__dict__``), so the counts reach the metrics.
+    """
+
+    def __init__(self, message: str = "", *, attempts: int = 0, latency_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+        self.latency_s = latency_s
 
 
 class TeacherUnavailable(TeacherError):
-    """Connection errors or 5xx answers outlasted every retry."""
+    """Connection errors, 5xx, 408 or 429 answers outlasted the retry budget."""
 
 
 class TeacherTimeout(TeacherError):
-    """The teacher did not answer within the timeout, on every attempt."""
+    """The teacher did not answer within the timeout, on every attempt of the retry budget."""
 
 
 class TeacherRequestRejected(TeacherError):

@@ -14,12 +14,13 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
 * ``async reward_func(args, sample, **kwargs) -> float``: on slime's rollout event loop, once per sample
   (a list of samples with ``--group-rm``). It builds the teacher's view of the sample (the raw messages in
   ``sample.metadata[xvocab_messages_key]`` rendered with the teacher's chat template, then the student's
-  response bytes in teacher tokens), scores it on the teacher server, aligns the teacher's log-probs onto
-  the student's response tokens and sets ``sample.teacher_log_probs`` (float32, ``response_length``
-  values). Tokenisation and alignment run in a worker thread (``asyncio.to_thread``), so generation never
+  response bytes in teacher tokens), scores it on the teacher server (log-probs and top-k), aligns the two
+  tokenizations and values each student token with the teacher's probability of that token
+  (:mod:`slime_xvocab.credit`), and sets ``sample.teacher_log_probs`` (float32, ``response_length`` values).
+  Tokenisation, alignment and credit run in a worker thread (``asyncio.to_thread``), so generation never
   stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
   distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
-* ``post_process_rewards(args, samples, **kwargs) -> (raw_rewards, rewards)``: once per rollout, on the
+* ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
   flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
   ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
 * ``mark_evaluation(args, sample, *, rollout_id=None, evaluation=False) -> None``: a sample hook, the only
@@ -28,8 +29,11 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   ``rollout/xvocab/*`` through slime's logger and returns False, so slime's default logging still runs.
 
 Positions that get no teacher signal keep the student's rollout log-prob exactly, so their OPD delta
-``student_lp - teacher_lp`` is zero. When student and teacher share a tokenizer, the request is slime's
-own (``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
+``student_lp - teacher_lp`` is zero when slime's advantage uses the rollout log-probs
+(``--use-rollout-logprobs``); by default slime uses Megatron's recomputed log-probs and the delta there is
+the train/inference mismatch (``xvocab_unscored: mask`` takes those positions out of the loss; see
+docs/how-it-fits.md). When student and teacher share a tokenizer, the request is slime's own
+(``sample.tokens`` as they are) and ``teacher_log_probs`` equals what slime's OPD hooks produce.
 
 What a sample carries afterwards (plain Python values, so samples pickle across Ray actors)::
 
@@ -59,7 +63,8 @@ from .alignment import Alignment, Unaligned
 from .config import XVocabConfig
 from .credit import CreditResult, assign_credit, student_extensions, student_token_credit
 from .errors import ByteMismatchError, ConfigError, NonFiniteCreditError, SampleError, TeacherError, XVocabError
-from .metrics import compute_post_process_metrics, compute_rollout_metrics, sample_stats
+from .metrics import compute_post_process_metrics, compute_rollout_metrics, failure_reason, sample_stats
+from .urls import redact_text, redact_url
 
 __all__ = [
     "reward_func",
@@ -67,6 +72,8 @@ __all__ = [
     "mark_evaluation",
     "log_rollout_data",
     "normalize_group_rewards",
+    "eval_rm_type",
+    "slime_logging",
     "get_config",
     "teacher_view_builder",
     "reset",
@@ -97,6 +104,8 @@ class _Runtime:
     inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
     extensions: Any = None  # credit.StudentExtensions of the student tokenizer (student_token credit)
     failures_logged: int = 0
+    temperature_checked: bool = False
+    probe: Any = None  # (event loop, asyncio.Task) of the start-up probe, once per runtime
     dense: Any = None  # (dense.StudentProjection, credit.StudentExtensions) with xvocab_dense (cross-vocabulary)
 
 
@@ -160,11 +169,13 @@ def teacher_view_builder(args: Any) -> Any:
 
 
 def reset(args: Any = None) -> None:
-    """Forget cached configs/runtimes (of ``args``, or all): for tests and notebooks."""
+    """Forget cached configs/runtimes (of ``args``, or all, then also slime's logger lookup): for tests and
+    notebooks."""
     with _LOCK:
         if args is None:
             _CONFIGS.clear()
             _RUNTIMES.clear()
+            _SLIME_LOGGING.clear()
         else:
             _CONFIGS.pop(id(args), None)
             _RUNTIMES.pop(id(args), None)
@@ -249,9 +260,13 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         api_key=config.api_key,
         timeout_s=config.timeout_s,
         max_retries=config.max_retries,
+        retry_budget_s=config.retry_budget_s,
+        ca_bundle=config.ca_bundle,
+        verify_tls=config.verify_tls,
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
         top_logprobs=config.top_k if student_token or config.dense else 0,
+        temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
     )
     inner_args = None
     if config.inner_rm_type:
@@ -263,7 +278,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         config.student_tokenizer,
         config.teacher_tokenizer,
         "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
-        ", ".join(client.urls),
+        ", ".join(redact_url(u) for u in client.urls),
     )
     if config.dense:
         from .dense_transport import check_rollout_side
@@ -423,10 +438,35 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
         runtime = _cached(_RUNTIMES, args)
         return await _inner_reward(args, sample, config, runtime, kwargs, evaluation=True)
     runtime = _cached(_RUNTIMES, args) or await asyncio.to_thread(_runtime, args)
+    await _startup_probe(runtime)
     _, reward = await asyncio.gather(
         _score_sample(runtime, sample), _inner_reward(args, sample, config, runtime, kwargs)
     )
     return reward
+
+
+async def _startup_probe(runtime: _Runtime) -> None:
+    """:func:`~slime_xvocab.probe.probe_teacher` once per runtime (every caller awaits the same task, so a
+    failed probe raises the same error for every sample of the first rollout)."""
+    if not runtime.config.startup_probe:
+        return
+    loop = asyncio.get_running_loop()
+    if runtime.probe is None or runtime.probe[0] is not loop:
+        if runtime.probe is not None and runtime.probe[1].done():
+            runtime.probe[1].result()  # probed on another loop already: re-raise its error, or pass
+            return
+        from .probe import probe_teacher
+
+        task = loop.create_task(
+            probe_teacher(
+                runtime.client,
+                teacher_vocab_size=len(runtime.builder.teacher_tokenizer),
+                max_teacher_tokens=runtime.config.max_teacher_tokens,
+                wait_s=runtime.config.retry_budget_s,
+            )
+        )
+        runtime.probe = (loop, task)
+    await asyncio.shield(runtime.probe[1])
 
 
 async def _score_sample(runtime: _Runtime, sample: Any) -> None:
@@ -448,12 +488,14 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             evaluation=False,
         )
         return
-    student = _student_log_probs(sample, n, sid)
+    student = None
     try:
+        student = _student_log_probs(sample, n, sid)
         view = await asyncio.to_thread(_build_view, runtime, sample, n, sid)
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
             scores = await runtime.client.score(view.input_ids, view.response_start)
+            _check_temperature(runtime, scores)
             teacher, top = scores.log_probs, scores.top_log_probs
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
@@ -481,12 +523,16 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             teacher_truncated_tokens=view.teacher_truncated_tokens,
         )
         error = None
-    except (TeacherError, SampleError) as exc:
+    except ConfigError:
+        raise  # a configuration problem is one start-up error, not a fallback per sample
+    except Exception as exc:  # every other failure is a counted fallback with its reason
         if config.fallback == "error":
-            raise type(exc)(
-                f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
-                "student to train on with the student's own log-probs for such samples)"
-            ) from exc
+            if isinstance(exc, (TeacherError, SampleError)):
+                raise type(exc)(
+                    f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
+                    "student to train on with the student's own log-probs for such samples)"
+                ) from exc
+            raise
         if isinstance(exc, NonFiniteCreditError):
             reason = Unaligned.NON_FINITE
         elif isinstance(exc, ByteMismatchError):
@@ -495,12 +541,19 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             reason = Unaligned.INVALID_SAMPLE
         else:
             reason = Unaligned.TEACHER_FAILED
-        values = student
+        # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
+        values = student if student is not None else np.zeros(n)
         scored = np.zeros(n, dtype=bool)
         dense = _no_dense_targets(config, n)
-        stats = sample_stats(Alignment.unaligned(n, reason).stats().as_dict(), failed=True,
-                             dense=dense.stats() if dense is not None else None)
-        error = f"{type(exc).__name__}: {exc}"
+        stats = sample_stats(
+            Alignment.unaligned(n, reason).stats().as_dict(),
+            failed=True,
+            latency_s=getattr(exc, "latency_s", 0.0),
+            attempts=getattr(exc, "attempts", 0),
+            failure=failure_reason(exc),
+            dense=dense.stats() if dense is not None else None,
+        )
+        error = f"{type(exc).__name__}: {redact_text(str(exc), (config.api_key,))}"
         runtime.failures_logged += 1
         if runtime.failures_logged <= _LOG_FIRST_FAILURES or runtime.failures_logged % 100 == 0:
             logger.warning(
@@ -508,6 +561,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
                 sid,
                 runtime.failures_logged,
                 error,
+                exc_info=not isinstance(exc, XVocabError),  # an unexpected exception: keep its traceback
             )
     sample.teacher_log_probs = _to_tensor(values)
     if config.unscored == "mask":
@@ -517,6 +571,25 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
 
         set_sample_targets(sample, dense)
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
+
+
+def _check_temperature(runtime: _Runtime, scores: Any) -> None:
+    """On the first answer: warn once when the teacher did not apply the requested input-logprob temperature.
+
+    A server without sglang#36213 (or a router that drops the field) ignores ``input_logprob_temperature`` and
+    answers at T = 1; training goes on with those values.
+    """
+    if runtime.temperature_checked:
+        return
+    runtime.temperature_checked = True
+    requested, applied = runtime.client.temperature, getattr(scores, "temperature", 1.0)
+    if abs(applied - requested) > 1e-6 * requested:
+        logger.warning(
+            "slime-xvocab: asked the teacher at %s for log-probs at temperature %g (input_logprob_temperature) "
+            "but it applied %g: it predates sglang#36213 or a router dropped the field. Teacher log-probs stay "
+            "at temperature %g; upgrade the teacher's SGLang or run --rollout-temperature 1.",
+            scores.url, requested, applied, applied,
+        )
 
 
 def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
@@ -595,14 +668,17 @@ async def _inner_reward(
 ) -> Any:
     """The task reward: user function, slime's rule-based reward, or 0.0 (pure distillation).
 
-    Evaluation samples without an inner reward fall back to slime's own ``--rm-type`` (if set), so an OPD
-    run still reports a task score on its eval sets.
+    Evaluation samples score like stock slime's ``async_rm`` (this hook being ``--custom-rm-path``): the
+    eval dataset's own ``rm_type`` (``sample.metadata["rm_type"]``, set by slime's ``eval_config``) first,
+    then ``xvocab_inner_rm_type``, then ``--rm-type``; ``xvocab_inner_rm_path`` replaces all of them, as a
+    custom reward function does in slime.
     """
     if config.inner_rm_path:
         result = _load_function(config.inner_rm_path)(args, sample, **kwargs)
         return await result if inspect.isawaitable(result) else result
-    rm_type = config.inner_rm_type or (getattr(args, "rm_type", None) if evaluation else None)
+    rm_type = eval_rm_type(args, sample, config) if evaluation else config.inner_rm_type
     if rm_type:
+        _check_remote_rm(args, rm_type, config)
         try:
             from slime.rollout.rm_hub import async_rm
         except ImportError as exc:
@@ -611,7 +687,7 @@ async def _inner_reward(
                 f"(not importable here: {exc}); run inside slime's environment or use "
                 "xvocab_inner_rm_path"
             ) from exc
-        inner_args = runtime.inner_args if runtime is not None and config.inner_rm_type else None
+        inner_args = runtime.inner_args if runtime is not None and rm_type == config.inner_rm_type else None
         if inner_args is None:
             inner_args = copy.copy(args)
             inner_args.custom_rm_path, inner_args.rm_type = None, rm_type
@@ -620,6 +696,32 @@ async def _inner_reward(
         proxy.custom_rm_path = None
         return await async_rm(inner_args, proxy)
     return 0.0
+
+
+def eval_rm_type(args: Any, sample: Any, config: XVocabConfig) -> str | None:
+    """The rule-based reward type of an evaluation sample, resolved as stock slime's ``async_rm`` does.
+
+    The eval dataset's ``rm_type`` (slime's ``eval_config`` writes it to ``sample.metadata["rm_type"]``)
+    wins, then ``xvocab_inner_rm_type``, then slime's ``--rm-type``. None: no rule-based reward (0.0).
+    """
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    for value in (md.get("rm_type"), config.inner_rm_type, getattr(args, "rm_type", None)):
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+    return None
+
+
+def _check_remote_rm(args: Any, rm_type: str, config: XVocabConfig) -> None:
+    """``remote_rm`` posts to ``--rm-url``; refuse when that is the teacher (it would crash after retries)."""
+    if rm_type != "remote_rm":
+        return
+    rm_url = getattr(args, "rm_url", None)
+    if rm_url and any(u.strip() in config.teacher_urls for u in str(rm_url).split(",")):
+        raise ConfigError(
+            f"rm_type 'remote_rm' posts rewards to --rm-url ({rm_url}), which is the teacher server here "
+            "(xvocab_teacher_urls defaults to --rm-url). Set xvocab_teacher_urls to the teacher and --rm-url "
+            "to the reward server."
+        )
 
 
 # ---------------------------------------------------------------------------------------------- eval hook
@@ -697,7 +799,7 @@ def normalize_group_rewards(args: Any, raw_rewards: Sequence[float]) -> list[flo
     return r.flatten().tolist()
 
 
-def post_process_rewards(args: Any, samples: list, **kwargs: Any) -> tuple[list[float], list[float]]:
+def post_process_rewards(args: Any, samples: list) -> tuple[list[float], list[float]]:
     """slime ``--custom-reward-post-process-path`` hook: check/fill ``teacher_log_probs``, normalise rewards.
 
     Every sample leaves with ``teacher_log_probs`` of length ``response_length`` (slime tensorises the key
@@ -773,7 +875,8 @@ def _too_many_failures(config: XVocabConfig, flat: list, fallbacks: list) -> XVo
         f"{len(fallbacks)} of {len(flat)} samples could not be scored by the teacher "
         f"(> xvocab_max_failed_fraction={config.max_failed_fraction}); by cause: {dict(reasons)}. "
         "First ones:\n"
-        f"{examples}\nCheck the teacher at {', '.join(config.teacher_urls)} (curl <url>/health_generate), "
+        f"{examples}\nCheck the teacher at {', '.join(map(redact_url, config.teacher_urls))} "
+        "(curl <url>/health_generate), "
         "the messages in sample.metadata, or raise xvocab_max_failed_fraction (1.0 never stops)."
     )
 
@@ -794,33 +897,64 @@ def _rollout_id(samples: Sequence[Any]) -> int | None:
         return None
 
 
-def _rollout_step(args: Any, rollout_id: int) -> int:
-    try:
-        from slime.observability.metric_utils import compute_rollout_step
+#: Where slime keeps ``log`` and ``compute_rollout_step``: ``slime.observability`` on main since slime #2298,
+#: ``slime.utils`` in v0.3.1 and earlier.
+SLIME_LOGGING_MODULES = (
+    ("slime.observability.logging_utils", "slime.observability.metric_utils"),
+    ("slime.utils.logging_utils", "slime.utils.metric_utils"),
+)
+_SLIME_LOGGING: list = []  # [(log, compute_rollout_step)] or [None] once resolved
 
-        return compute_rollout_step(args, rollout_id)
-    except Exception:  # slime not importable: the same formula
-        if getattr(args, "wandb_always_use_train_step", False):
-            return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
-        return rollout_id
+
+def slime_logging() -> tuple[Any, Any] | None:
+    """slime's ``(log, compute_rollout_step)`` from whichever layout this slime has, or None (warned once).
+
+    Tried in :data:`SLIME_LOGGING_MODULES` order; the first pair that imports wins and is kept for the process.
+    """
+    if not _SLIME_LOGGING:
+        errors = []
+        for log_module, step_module in SLIME_LOGGING_MODULES:
+            try:
+                log = importlib.import_module(log_module).log
+                step = importlib.import_module(step_module).compute_rollout_step
+            except Exception as exc:  # ImportError, or wandb/tensorboard failing inside slime's module
+                errors.append(f"{log_module}: {type(exc).__name__}: {exc}")
+                continue
+            _SLIME_LOGGING.append((log, step))
+            break
+        else:
+            _SLIME_LOGGING.append(None)
+            logger.warning(
+                "slime-xvocab: rollout/xvocab/* metrics go to the python log only: slime's logger is not "
+                "importable (%s)",
+                "; ".join(errors),
+            )
+    return _SLIME_LOGGING[0]
+
+
+def _rollout_step(args: Any, rollout_id: int, found: tuple[Any, Any] | None) -> int:
+    if found is not None:
+        return found[1](args, rollout_id)
+    if getattr(args, "wandb_always_use_train_step", False):  # slime's formula, when slime is not importable
+        return rollout_id * args.rollout_batch_size * args.n_samples_per_prompt // args.global_batch_size
+    return rollout_id
 
 
 def _log_metrics(
     args: Any, rollout_id: int | None, metrics: dict[str, float], *, what: str
 ) -> dict[str, Any]:
-    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard);
-    python logging only when slime is not importable or the step is unknown."""
+    """Log ``rollout/xvocab/<key>`` with ``rollout/step`` through slime's logger (wandb / TensorBoard).
+
+    Only python logging when the step is unknown, when ``args`` is not slime's (no ``use_wandb``), or when
+    slime's logger is not importable (warned once by :func:`slime_logging`).
+    """
     data: dict[str, Any] = {f"rollout/xvocab/{k}": v for k, v in metrics.items()}
+    found = slime_logging() if hasattr(args, "use_wandb") else None
     if rollout_id is not None:
-        data["rollout/step"] = _rollout_step(args, rollout_id)
+        data["rollout/step"] = _rollout_step(args, rollout_id, found)
     logger.info("slime-xvocab %s, rollout %s: %s", what, rollout_id, data)
-    if rollout_id is None or not hasattr(args, "use_wandb"):
-        return data
-    try:
-        from slime.observability import logging_utils
-    except Exception:  # slime (or wandb) missing: the log line above is all there is
-        return data
-    logging_utils.log(args, data, step_key="rollout/step")
+    if rollout_id is not None and found is not None:
+        found[0](args, data, step_key="rollout/step")
     return data
 
 

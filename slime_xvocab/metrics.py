@@ -22,7 +22,41 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["DENSE_METRICS", "METRICS", "sample_stats", "compute_rollout_metrics", "compute_post_process_metrics"]
+from .errors import (
+    ByteMismatchError,
+    NonFiniteCreditError,
+    SampleError,
+    TeacherBadResponse,
+    TeacherRequestRejected,
+    TeacherTimeout,
+    TeacherUnavailable,
+    TokenizerError,
+)
+
+__all__ = [
+    "DENSE_METRICS",
+    "METRICS",
+    "FAILURE_REASONS",
+    "ATTEMPT_FAILURE_KINDS",
+    "failure_reason",
+    "sample_stats",
+    "compute_rollout_metrics",
+    "compute_post_process_metrics",
+]
+
+#: Why a sample could not be scored, most specific class first (``failures/<reason>``).
+FAILURE_REASONS: tuple[tuple[type, str], ...] = (
+    (TeacherUnavailable, "teacher_unavailable"),
+    (TeacherTimeout, "teacher_timeout"),
+    (TeacherRequestRejected, "teacher_rejected"),
+    (TeacherBadResponse, "teacher_bad_response"),
+    (ByteMismatchError, "byte_mismatch"),
+    (NonFiniteCreditError, "non_finite"),
+    (SampleError, "invalid_sample"),
+    (TokenizerError, "tokenizer"),
+)
+#: Kinds of failed HTTP attempts the teacher client counts (``teacher_attempt_failures/<kind>``).
+ATTEMPT_FAILURE_KINDS = ("timeout", "connection", "5xx", "4xx", "bad_response")
 
 #: Keys only reported when ``xvocab_dense`` is on.
 DENSE_METRICS = ("dense_valid_fraction", "dense_listed_mass", "dense_tail_mass")
@@ -53,8 +87,13 @@ METRICS: dict[str, str] = {
     "(below 1.0 the teacher's tokenizer normalised some text; spans then come from offsets)",
     "teacher_latency_p50_s": "median teacher call latency per sample, retries included (seconds)",
     "teacher_latency_p99_s": "99th-percentile teacher call latency per sample (seconds)",
-    "teacher_retries": "HTTP retries spent on this rollout's samples",
+    "teacher_retries": "HTTP retries spent on this rollout's samples, those that finally fell back included",
     "teacher_failures": "samples whose teacher call or view failed (they fall back or stop training)",
+    "failures/<reason>": "failed samples by reason: teacher_unavailable, teacher_timeout, teacher_rejected, "
+    "teacher_bad_response, byte_mismatch, non_finite, invalid_sample, tokenizer, internal_error (only reasons that "
+    "occurred)",
+    "teacher_attempt_failures/<kind>": "failed HTTP /generate attempts since the previous rollout log, by kind: "
+    "timeout, connection, 5xx, 4xx, bad_response (those of samples that finally failed included)",
     "teacher_requests": "HTTP /generate requests sent since the previous rollout log (retries included)",
     "fallback_samples": "samples given the student's own log-probs (delta 0): they could not be scored",
     "dense_valid_fraction": "xvocab_dense: share of student response tokens with a dense target (token-weighted)",
@@ -79,6 +118,7 @@ def sample_stats(
     top_k_mass: float = 1.0,
     clamped_tokens: int = 0,
     dense: Mapping[str, float] | None = None,
+    failure: str | None = None,
 ) -> dict[str, float]:
     """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
 
@@ -96,6 +136,7 @@ def sample_stats(
         clamped_tokens: student_token values clamped to 0.
         dense: :meth:`DenseTargets.stats <slime_xvocab.dense.DenseTargets.stats>` of the sample (xvocab_dense),
             kept as ``dense_<key>``.
+        failure: why a failed sample failed (:func:`failure_reason`); kept as ``failed/<reason>`` = 1.0.
 
     Returns:
         A flat ``dict[str, float]``; alignment keys keep their names, ``unaligned/<reason>`` included.
@@ -114,7 +155,17 @@ def sample_stats(
     out.update({f"dense_{k}": float(v) for k, v in (dense or {}).items()})
     covered = out.get("student_tokens", 0.0) - out.get("unaligned_tokens", 0.0)
     out["signal_tokens"] = float(covered if signal_tokens is None else signal_tokens)
+    if failure:
+        out[f"failed/{failure}"] = 1.0
     return out
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The ``failures/<reason>`` name of the exception a sample failed with (``internal_error`` if unknown)."""
+    for cls, reason in FAILURE_REASONS:
+        if isinstance(exc, cls):
+            return reason
+    return "internal_error"
 
 
 def compute_rollout_metrics(
@@ -135,6 +186,8 @@ def compute_rollout_metrics(
     out: dict[str, float] = {"samples": float(len(per_sample_stats))}
     if client_stats is not None:
         out["teacher_requests"] = float(client_stats.get("requests", 0.0))
+        for kind in ATTEMPT_FAILURE_KINDS:
+            out[f"teacher_attempt_failures/{kind}"] = float(client_stats.get(f"failures_{kind}", 0.0))
     if not per_sample_stats:
         return out
 
@@ -173,6 +226,8 @@ def compute_rollout_metrics(
     mass = col("top_k_mass")[scored]
     out["top_k_mass"] = float(np.average(mass, weights=student[scored] + 1e-12)) if scored.any() else 1.0
     out["clamped_tokens"] = float(col("clamped_tokens").sum())
+    for key in sorted({k for s in per_sample_stats for k in s if k.startswith("failed/")}):
+        out["failures/" + key[len("failed/") :]] = float(col(key).sum())
     if any("dense_positions" in s for s in per_sample_stats):
         positions, valid = col("dense_positions").sum(), col("dense_valid").sum()
         tail = float(col("dense_tail_sum").sum() / valid) if valid else 1.0

@@ -11,11 +11,14 @@ The exact request (one sequence)::
      "sampling_params": {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": false},
      "return_logprob": true,
      "logprob_start_len": response_start - 1}          # + "top_logprobs_num": k when top_logprobs > 0
+                                                       # + "input_logprob_temperature": T when T != 1
 
 ``logprob_start_len = response_start - 1`` makes the answer carry exactly one (null) entry plus one entry per
 response token, so the payload grows with the response, not the prompt, and SGLang may reuse the cached
-prompt KV across the samples of a group. Input log-probs are always temperature-1 values (SGLang does not
-apply ``temperature`` to them); run slime with ``--rollout-temperature 1``.
+prompt KV across the samples of a group. Stock SGLang computes input log-probs at temperature 1 whatever
+``sampling_params.temperature`` says; ``temperature=T`` asks a server with sglang#36213 for log softmax(z / T)
+through ``input_logprob_temperature``, and :attr:`TeacherScores.temperature` reports what the server applied
+(1.0 from a server that does not echo the option back).
 
 Every answer is validated before it becomes numbers (a wrong answer raises, it is never silently used):
 
@@ -27,17 +30,29 @@ Every answer is validated before it becomes numbers (a wrong answer raises, it i
 
 Failures map onto :mod:`slime_xvocab.errors`:
 
-* connection refused/reset, 5xx, 408, 429: retried ``max_retries`` times, then ``TeacherUnavailable``;
-* no answer within ``timeout_s``: retried, then ``TeacherTimeout``;
-* any other 4xx (bad request, 401, 404 ...): ``TeacherRequestRejected`` at once, with the server's message;
+* connection refused/reset, 5xx (503 included), 408, 429: retried within the retry budget, then
+  ``TeacherUnavailable``;
+* no answer within ``timeout_s``: retried within the budget, then ``TeacherTimeout``;
+* any other 4xx (bad request, 401, 404 ...): ``TeacherRequestRejected`` at once, with the server's message
+  and why it is not retried;
 * an answer that fails validation: ``TeacherBadResponse`` at once (unless ``retry_bad_responses``);
 * an input longer than ``max_input_tokens`` or with ``response_start < 1``: ``SampleError``, nothing is sent.
 
-Retries use exponential backoff with full jitter (``uniform(0, min(max_backoff_s, backoff_s * 2**n))``).
+Every raised :class:`~slime_xvocab.errors.TeacherError` carries ``attempts`` and ``latency_s``, so the
+retries of calls that finally failed are counted too.
+
+Retries follow a :class:`RetryPolicy`: a failed call is retried until ``retry_budget_s`` seconds have passed
+since its first failure (default 60 s, long enough for a router failover or a replica restart; optionally
+also at most ``max_retries`` retries), sleeping ``uniform(0, min(max_backoff_s, backoff_s * 2**n))`` between
+attempts (exponential backoff with full jitter) or longer when the server sends ``Retry-After``.
 With several URLs, requests go round-robin over the healthy endpoints; an endpoint that fails is put in
 cooldown and the retry goes to another one at once. If every endpoint is cooling down the client tries
 anyway (the one whose cooldown ends first) and counts it in ``stats()["all_endpoints_down"]``. A
 ``sglang-router`` in front of several replicas is simply one URL.
+
+Layout: the client composes the wire format (:mod:`slime_xvocab.sglang_wire`, pure functions: request in,
+parsed arrays out), a :class:`RetryPolicy` (when to retry, how long to sleep), an :class:`EndpointPool`
+(which URL, cooldowns) and the HTTP transport below; it keeps the statistics.
 
 Transport: aiohttp, one ``ClientSession`` per event loop holding a keep-alive pool of ``max_concurrency``
 connections (idle ones are dropped after ``KEEPALIVE_S``); bodies go through orjson when it is installed
@@ -60,8 +75,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
+import math
 import random
 import threading
 import time
@@ -78,30 +93,36 @@ from yarl import URL
 from .errors import (
     SampleError,
     TeacherBadResponse,
+    TeacherError,
     TeacherRequestRejected,
     TeacherTimeout,
     TeacherUnavailable,
 )
-
-try:  # orjson is 3-10x faster on the log-prob lists; it comes with sglang-router. json is the fallback.
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
+from .sglang_wire import LOGPROB_EPS, TEMPERATURE_KEY, BadAnswer, build_request, parse_answer, parse_error_message
+from .sglang_wire import dumps as _dumps
+from .sglang_wire import loads as _loads
+from .urls import check_url, has_credentials, redact_url
 
 __all__ = [
     "TeacherScores",
     "TeacherClient",
     "SyncTeacherClient",
+    "RetryPolicy",
+    "EndpointPool",
+    "redact_url",
     "parse_error_message",
     "normalize_url",
     "build_request",
     "LOGPROB_EPS",
+    "TEMPERATURE_KEY",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Largest log-prob accepted as "<= 0": float32 log-softmax of a near-certain token can round above 0.
-LOGPROB_EPS = 1e-4
+#: Answers larger than this (bytes), or with more log-prob entries than ``OFFLOAD_ENTRIES``, are decoded and
+#: validated in a worker thread: on the event loop a long top-k answer would stall slime's rollout.
+OFFLOAD_BYTES = 1 << 16
+OFFLOAD_ENTRIES = 4096
 #: HTTP statuses that are retried (besides every 5xx): request timeout, too many requests.
 RETRY_STATUSES = frozenset({408, 429})
 #: Failure kinds, each counted in ``stats()`` as ``failures_<kind>``.
@@ -118,18 +139,6 @@ _NET_ERRORS = (aiohttp.ClientError, OSError)
 T = TypeVar("T")
 
 
-def _dumps(obj: Any) -> bytes:
-    if _orjson is not None:
-        return _orjson.dumps(obj)
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _loads(data: bytes) -> Any:
-    if _orjson is not None:
-        return _orjson.loads(data)
-    return json.loads(data)
-
-
 @dataclass(frozen=True)
 class TeacherScores:
     """The teacher's log-probs for the response part of one sequence.
@@ -139,17 +148,21 @@ class TeacherScores:
             ``log p(input_ids[response_start + i] | input_ids[:response_start + i])`` (natural log, T=1).
         top_log_probs: ``None`` unless the client was built with ``top_logprobs=k > 0``. Then one entry per
             response position, ``(ids int64[k], lps float32[k])``, best first: the teacher's k most likely
-            tokens at that position (the distribution ``log_probs[i]`` was read from).
+            tokens at that position (the distribution ``log_probs[i]`` was read from); a
+            :class:`~slime_xvocab.sglang_wire.TopK`, which also holds them as flat arrays.
         latency_s: wall time of the call, retries and backoff included (seconds).
         attempts: HTTP attempts made (1 = no retry).
         url: the ``/generate`` URL that answered.
+        temperature: the input-logprob temperature the server says it applied (``meta_info``'s
+            ``input_logprob_temperature``; 1.0 when it says nothing, as a server without sglang#36213 does).
     """
 
     log_probs: np.ndarray
-    top_log_probs: list | None
+    top_log_probs: Sequence | None
     latency_s: float
     attempts: int
     url: str
+    temperature: float = 1.0
 
 
 def normalize_url(url: str) -> str:
@@ -162,92 +175,84 @@ def normalize_url(url: str) -> str:
         The URL ending in ``/generate``, e.g. ``normalize_url("http://h:30000") == "http://h:30000/generate"``.
 
     Raises:
-        ValueError: the URL is empty or not http(s).
+        ValueError: the URL is empty, not http(s), has no host or a port outside 1-65535 (the message
+            never repeats credentials).
     """
+    problem = check_url(url)
+    if problem is not None:
+        raise ValueError(f"teacher URL {problem}")
     u = url.strip().rstrip("/")
-    if not u.startswith(("http://", "https://")):
-        raise ValueError(
-            f"teacher URL {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:30000)"
-        )
     return u if u.endswith("/generate") else u + "/generate"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a failed attempt is retried, and how long to sleep first (pure: no clock, no I/O).
+
+    A call keeps retrying retryable failures until ``budget_s`` seconds have passed since its first failure
+    (and, if ``max_retries`` is set, at most that many retries). Each sleep is drawn with full jitter,
+    ``uniform(0, min(max_backoff_s, backoff_s * 2**(retry - 1)))``, raised to the server's ``Retry-After``
+    when it sends one, and never runs past the budget: the last retry starts at the budget's end at the
+    latest.
+
+    Attributes:
+        budget_s: seconds after a call's first failure during which retries are started.
+        max_retries: an extra cap on retries per call; None: the budget alone bounds them.
+        backoff_s: base of the exponential backoff, seconds.
+        max_backoff_s: cap of one (jittered) backoff sleep, seconds.
+    """
+
+    budget_s: float = 60.0
+    max_retries: int | None = None
+    backoff_s: float = 0.5
+    max_backoff_s: float = 8.0
+
+    def next_delay(
+        self, retries_done: int, since_first_failure_s: float, retry_after_s: float | None, rng: random.Random
+    ) -> tuple[float | None, str]:
+        """Decide about the next retry.
+
+        Args:
+            retries_done: retries this call has already made.
+            since_first_failure_s: seconds since the call's first failed attempt.
+            retry_after_s: the server's ``Retry-After`` for the last failure, if any.
+            rng: where the jitter comes from.
+
+        Returns:
+            ``(delay_s, "")`` to retry after ``delay_s`` seconds, or ``(None, why)`` to stop, ``why`` saying
+            which bound was reached.
+        """
+        if self.max_retries is not None and retries_done >= self.max_retries:
+            return None, f"max_retries={self.max_retries} retries spent"
+        left = self.budget_s - since_first_failure_s
+        if left <= 0:
+            return None, f"retry budget of {self.budget_s:g}s spent"
+        delay = rng.uniform(0.0, min(self.max_backoff_s, self.backoff_s * (2.0 ** retries_done)))
+        if retry_after_s is not None:
+            if retry_after_s > left:
+                return None, (
+                    f"the server asked to wait Retry-After={retry_after_s:g}s, more than the {left:.1f}s left of "
+                    f"the retry budget ({self.budget_s:g}s)"
+                )
+            delay = max(delay, retry_after_s)
+        return min(delay, left), ""
 
 
 def _base_url(generate_url: str) -> str:
     return generate_url[: -len("/generate")]
 
 
-def parse_error_message(body: bytes | str | Any) -> str:
-    """Extract the human-readable message from an SGLang (or router/proxy) error body.
-
-    Understands the three envelopes SGLang uses: ``{"error": {"message": s}}``, ``{"error": s}`` and
-    ``{"object": "error", "message": s, ...}``; also a bare ``{"message": s}`` / ``{"detail": s}``. Anything
-    else (plain text, HTML from a proxy) is returned as text, trimmed to 500 characters.
-
-    Args:
-        body: the raw response body (bytes or str) or an already-decoded JSON value.
-
-    Returns:
-        The message (never empty: ``"<empty body>"`` for an empty body).
-
-    Example:
-        >>> parse_error_message(b'{"error": {"message": "input_ids cannot be empty."}}')
-        'input_ids cannot be empty.'
-    """
-    obj = body
-    if isinstance(body, (bytes, bytearray, str)):
-        text = body.decode("utf-8", "replace") if isinstance(body, (bytes, bytearray)) else body
-        if not text.strip():
-            return "<empty body>"
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            return text.strip()[:500]
-    if isinstance(obj, dict):
-        err = obj.get("error")
-        if isinstance(err, dict) and err.get("message") is not None:
-            return str(err["message"])
-        if isinstance(err, str) and err:
-            return err
-        for key in ("message", "detail"):
-            if obj.get(key) is not None:
-                return str(obj[key])
-    return json.dumps(obj)[:500] if not isinstance(obj, str) else obj[:500]
-
-
-def build_request(items: Sequence[tuple[Sequence[int], int]], top_logprobs: int = 0) -> dict[str, Any]:
-    """Build the ``/generate`` body that scores ``items``.
-
-    Args:
-        items: ``(input_ids, response_start)`` pairs, already validated (ids as Python ints).
-            One item gives a single request; several give SGLang's batch form (list of lists).
-        top_logprobs: k > 0 adds ``top_logprobs_num``.
-
-    Returns:
-        The JSON-ready dict.
-    """
-    params = {"max_new_tokens": 0, "temperature": 1.0, "skip_special_tokens": False}
-    if len(items) == 1:
-        ids, start = items[0]
-        body: dict[str, Any] = {"input_ids": ids, "logprob_start_len": start - 1}
-    else:
-        body = {"input_ids": [ids for ids, _ in items], "logprob_start_len": [s - 1 for _, s in items]}
-    body["sampling_params"] = params
-    body["return_logprob"] = True
-    if top_logprobs > 0:
-        body["top_logprobs_num"] = top_logprobs
-    return body
-
-
 class _Endpoint:
     """One teacher URL, its health state and how to reach it."""
 
     __slots__ = (
-        *("url", "yurl", "via"),
+        *("url", "shown", "yurl", "via"),
         *("cooldown_until", "consecutive_failures", "requests", "failures"),
     )
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.shown = redact_url(url)  # what messages, stats and TeacherScores.url show
         self.yurl = URL(url)  # parsed once: aiohttp would parse the string on every request
         self.via: dict[str, Any] = {}  # the proxy keyword arguments of every request to it (trust_env)
         self.cooldown_until = 0.0
@@ -256,14 +261,77 @@ class _Endpoint:
         self.failures = 0
 
 
+class EndpointPool:
+    """The teacher endpoints, their health, and which one the next attempt goes to (no I/O).
+
+    Attempts go round-robin over the healthy endpoints, preferring ones the call has not tried yet. An
+    endpoint that fails a transport-level attempt is put in cooldown for ``cooldown_s``; when every endpoint
+    is cooling down, the one whose cooldown ends first is used anyway (and :meth:`pick` says so).
+
+    Args:
+        urls: the ``/generate`` URLs (normalised, deduplicated).
+        cooldown_s: how long a failed endpoint is skipped, seconds.
+    """
+
+    def __init__(self, urls: Sequence[str], cooldown_s: float) -> None:
+        self.endpoints = [_Endpoint(u) for u in urls]
+        self.cooldown_s = cooldown_s
+        self._rr = 0
+
+    def pick(self, tried: set[str]) -> tuple[_Endpoint, bool]:
+        """The endpoint for the next attempt of a call that already tried ``tried`` (URLs), and whether
+        every endpoint was in cooldown."""
+        eps = self.endpoints
+        now = time.monotonic()
+        if len(eps) == 1:
+            return eps[0], eps[0].cooldown_until > now
+        n = len(eps)
+        start = self._rr
+        self._rr = (self._rr + 1) % n
+        healthy = [eps[(start + i) % n] for i in range(n) if eps[(start + i) % n].cooldown_until <= now]
+        fresh = [ep for ep in healthy if ep.url not in tried]
+        if fresh:
+            return fresh[0], False
+        if healthy:
+            return healthy[0], False
+        untried = [ep for ep in eps if ep.url not in tried] or eps
+        return min(untried, key=lambda ep: ep.cooldown_until), True
+
+    def has_fresh(self, tried: set[str]) -> bool:
+        """Whether a healthy endpoint the call has not tried exists (then it fails over without sleeping)."""
+        now = time.monotonic()
+        return any(ep.cooldown_until <= now and ep.url not in tried for ep in self.endpoints)
+
+    def ordered(self) -> list[_Endpoint]:
+        """Healthy endpoints first (for info requests)."""
+        now = time.monotonic()
+        return sorted(self.endpoints, key=lambda ep: ep.cooldown_until > now)
+
+    def mark_failed(self, ep: _Endpoint, *, count: bool = True) -> None:
+        """Put ``ep`` in cooldown (``count``: also count a failed attempt against it)."""
+        if count:
+            ep.failures += 1
+            ep.consecutive_failures += 1
+        ep.cooldown_until = time.monotonic() + self.cooldown_s
+
+    @staticmethod
+    def mark_ok(ep: _Endpoint) -> None:
+        """``ep`` answered: healthy again."""
+        ep.consecutive_failures = 0
+        ep.cooldown_until = 0.0
+
+
 class _AttemptFailed(Exception):
     """Internal: one HTTP attempt failed; ``kind`` is one of FAILURE_KINDS."""
 
-    def __init__(self, kind: str, message: str, retryable: bool, retry_after: float | None = None) -> None:
+    def __init__(
+        self, kind: str, message: str, retryable: bool, retry_after: float | None = None, status: int = 0
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.retryable = retryable
         self.retry_after = retry_after
+        self.status = status
 
 
 class TeacherClient:
@@ -274,9 +342,11 @@ class TeacherClient:
         api_key: sent as ``Authorization: Bearer <api_key>`` (SGLang ``--api-key``).
         timeout_s: per-attempt timeout, seconds: the whole attempt (connect, send, wait for and read the
             answer) must end within it.
-        max_retries: retries after the first attempt for retryable failures (so ``1 + max_retries`` attempts).
+        max_retries: an optional cap on retries per call on top of ``retry_budget_s`` (None: no cap).
+        retry_budget_s: retryable failures are retried until this many seconds after a call's first failure
+            (see :class:`RetryPolicy`); 0 disables retries.
         backoff_s: base of the exponential backoff, seconds.
-        max_backoff_s: cap of one backoff sleep, seconds.
+        max_backoff_s: cap of one backoff sleep, seconds (a ``Retry-After`` may ask for longer).
         max_concurrency: most HTTP requests in flight at once (per event loop); also the connection pool size.
         max_input_tokens: reject longer inputs client-side with SampleError (use the worker's
             ``/server_info`` ``max_req_input_len``). ``None`` = no client-side limit.
@@ -289,10 +359,15 @@ class TeacherClient:
         connect_timeout_s: connect timeout, seconds (default ``min(timeout_s, 10)``).
         trust_env: use the proxy that ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` give for each URL (read
             once per event loop; credentials go in the proxy URL, ``http://user:pass@proxy:3128``).
-        health_path: what ``health()`` polls (``/health_generate`` runs a tiny forward on SGLang).
+        health_path: what ``health()`` polls (``/health_generate`` runs a tiny forward on SGLang;
+            ``/health`` is tried when it answers 404).
+        ca_bundle: PEM file of the CA(s) that sign the teacher's certificate (a private CA); default: the
+            system store (and ``SSL_CERT_FILE``).
+        verify_tls: False skips certificate verification for ``https://`` teachers (testing only).
 
     Raises:
-        ValueError: no URL, or a bad numeric setting.
+        ValueError: no URL, a bad URL (scheme, host, port), credentials in a URL together with
+            ``api_key``, an unreadable ``ca_bundle``, or a bad numeric setting.
     """
 
     def __init__(
@@ -301,18 +376,22 @@ class TeacherClient:
         *,
         api_key: str | None = None,
         timeout_s: float = 120.0,
-        max_retries: int = 3,
+        max_retries: int | None = None,
+        retry_budget_s: float = 60.0,
         backoff_s: float = 0.5,
         max_backoff_s: float = 8.0,
         max_concurrency: int = 32,
         max_input_tokens: int | None = None,
         top_logprobs: int = 0,
+        temperature: float = 1.0,
         batch_size: int = 1,
         cooldown_s: float = 5.0,
         retry_bad_responses: bool = False,
         connect_timeout_s: float | None = None,
         trust_env: bool = True,
         health_path: str = "/health_generate",
+        ca_bundle: str | None = None,
+        verify_tls: bool = True,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -320,8 +399,10 @@ class TeacherClient:
         problems = []
         if timeout_s <= 0:
             problems.append(f"timeout_s={timeout_s} must be > 0")
-        if max_retries < 0:
-            problems.append(f"max_retries={max_retries} must be >= 0")
+        if max_retries is not None and max_retries < 0:
+            problems.append(f"max_retries={max_retries} must be >= 0 or None")
+        if retry_budget_s < 0:
+            problems.append(f"retry_budget_s={retry_budget_s} must be >= 0")
         if backoff_s < 0 or max_backoff_s < 0:
             problems.append("backoff_s and max_backoff_s must be >= 0")
         if max_concurrency < 1:
@@ -330,8 +411,12 @@ class TeacherClient:
             problems.append(f"batch_size={batch_size} must be >= 1")
         if top_logprobs < 0:
             problems.append(f"top_logprobs={top_logprobs} must be >= 0")
+        if not math.isfinite(temperature) or temperature <= 0:
+            problems.append(f"temperature={temperature} must be a finite number > 0")
         if max_input_tokens is not None and max_input_tokens < 1:
             problems.append(f"max_input_tokens={max_input_tokens} must be >= 1 or None")
+        if api_key and any(has_credentials(u) for u in url_list):
+            problems.append("a teacher URL carries user:password@ and api_key is set too: keep one")
         if problems:
             raise ValueError("invalid TeacherClient settings: " + "; ".join(problems))
         seen: dict[str, None] = {}
@@ -340,20 +425,24 @@ class TeacherClient:
         self.urls: list[str] = list(seen)
         self.api_key = api_key
         self.timeout_s = float(timeout_s)
-        self.max_retries = int(max_retries)
+        self.max_retries = None if max_retries is None else int(max_retries)
+        self.retry_budget_s = float(retry_budget_s)
         self.backoff_s = float(backoff_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.retry_policy = RetryPolicy(self.retry_budget_s, self.max_retries, self.backoff_s, self.max_backoff_s)
+        self._ssl = _ssl_option(ca_bundle, verify_tls)
         self.max_concurrency = int(max_concurrency)
         self.max_input_tokens = max_input_tokens
         self.top_logprobs = int(top_logprobs)
+        self.temperature = float(temperature)
         self.batch_size = int(batch_size)
         self.cooldown_s = float(cooldown_s)
         self.retry_bad_responses = retry_bad_responses
         self.connect_timeout_s = min(self.timeout_s, 10.0) if connect_timeout_s is None else connect_timeout_s
         self.trust_env = trust_env
         self.health_path = health_path
-        self._endpoints = [_Endpoint(u) for u in self.urls]
-        self._rr = 0
+        self.pool = EndpointPool(self.urls, self.cooldown_s)
+        self._endpoints = self.pool.endpoints
         # Per-event-loop resources: an asyncio.Semaphore and an aiohttp session are bound to the loop that
         # first uses them, so both are (re)created lazily when the client is used from a different loop.
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -387,7 +476,7 @@ class TeacherClient:
         # resolved above, once. No cookies: a teacher has no use for them and the jar costs per request.
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+                limit=self.max_concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE_S, ssl=self._ssl
             ),
             timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=self.connect_timeout_s),
             headers=self._headers,
@@ -475,10 +564,13 @@ class TeacherClient:
         return out
 
     def endpoint_stats(self) -> dict[str, dict[str, float]]:
-        """Per-URL counters: ``requests``, ``failures``, ``healthy`` (1.0 unless in cooldown now)."""
+        """Per-URL counters: ``requests``, ``failures``, ``healthy`` (1.0 unless in cooldown now).
+
+        Keys are the ``/generate`` URLs with any credentials redacted (``http://***@host:port/generate``).
+        """
         now = time.monotonic()
         return {
-            ep.url: {
+            ep.shown: {
                 "requests": float(ep.requests),
                 "failures": float(ep.failures),
                 "healthy": float(ep.cooldown_until <= now),
@@ -567,22 +659,29 @@ class TeacherClient:
         """GET ``health_path`` on every endpoint; updates the balancer's view.
 
         Returns:
-            ``{generate_url: healthy}``; healthy means HTTP 200 within ``timeout_s``.
+            ``{generate_url: healthy}`` (URLs as given, credentials included: keys to match ``self.urls``;
+            print them with :func:`redact_url`); healthy means HTTP 200 within ``timeout_s``.
         """
         _, http = self._resources()
 
+        paths = [self.health_path] + (["/health"] if self.health_path != "/health" else [])
+
         async def one(ep: _Endpoint) -> bool:
-            try:
-                async with http.get(_base_url(ep.url) + self.health_path, **ep.via) as r:
-                    await r.read()
-                    ok = r.status == 200
-            except (asyncio.TimeoutError, *_NET_ERRORS):
-                ok = False
+            ok = False
+            for path in paths:  # a server without /health_generate (404) may still have /health
+                try:
+                    async with http.get(_base_url(ep.url) + path, **ep.via) as r:
+                        await r.read()
+                        status = r.status
+                except (asyncio.TimeoutError, *_NET_ERRORS):
+                    break
+                ok = status == 200
+                if status != 404:
+                    break
             if ok:
-                ep.cooldown_until = 0.0
-                ep.consecutive_failures = 0
+                self.pool.mark_ok(ep)
             else:
-                ep.cooldown_until = time.monotonic() + self.cooldown_s
+                self.pool.mark_failed(ep, count=False)
             return ok
 
         oks = await asyncio.gather(*(one(ep) for ep in self._endpoints))
@@ -605,136 +704,126 @@ class TeacherClient:
     async def _get_info(self, paths: tuple[str, ...]) -> dict:
         _, http = self._resources()
         problems = []
-        for ep in self._ordered_endpoints():
+        for ep in self.pool.ordered():
             for path in paths:
                 url = _base_url(ep.url) + path
+                shown = redact_url(url)
                 try:
                     async with http.get(url, **ep.via) as r:
                         status, content = r.status, await r.read()
                 except (asyncio.TimeoutError, *_NET_ERRORS) as e:
-                    problems.append(f"{url}: {type(e).__name__}: {e}")
+                    problems.append(redact_url(f"{shown}: {type(e).__name__}: {e}"))
                     break  # endpoint unreachable: try the next one
                 if status == 200:
                     try:
                         data = _loads(content)
                     except ValueError:
-                        problems.append(f"{url}: answer is not JSON")
+                        problems.append(f"{shown}: answer is not JSON")
                         continue
                     if isinstance(data, dict):
                         return data
-                    problems.append(f"{url}: answer is not a JSON object")
+                    problems.append(f"{shown}: answer is not a JSON object")
                 elif status in (401, 403):
                     raise TeacherRequestRejected(
-                        f"{url} answered {status}: {parse_error_message(content)} (check api_key)"
+                        f"{shown} answered {status}: {parse_error_message(content)} (check api_key)"
                     )
                 else:
-                    problems.append(f"{url}: HTTP {status}")
+                    problems.append(f"{shown}: HTTP {status}")
         raise TeacherUnavailable(
             "no teacher endpoint answered " + " or ".join(paths) + ": " + "; ".join(problems)
         )
 
-    def _ordered_endpoints(self) -> list[_Endpoint]:
-        now = time.monotonic()
-        return sorted(self._endpoints, key=lambda ep: ep.cooldown_until > now)
-
-    def _pick(self, tried: set[str]) -> _Endpoint:
-        """Round-robin over healthy endpoints, preferring ones this call has not tried yet."""
-        eps = self._endpoints
-        if len(eps) == 1:
-            if eps[0].cooldown_until > time.monotonic():
-                self._counts["all_endpoints_down"] += 1
-            return eps[0]
-        now = time.monotonic()
-        n = len(eps)
-        start = self._rr
-        self._rr = (self._rr + 1) % n
-        healthy = [eps[(start + i) % n] for i in range(n) if eps[(start + i) % n].cooldown_until <= now]
-        fresh = [ep for ep in healthy if ep.url not in tried]
-        if fresh:
-            return fresh[0]
-        if healthy:
-            return healthy[0]
-        self._counts["all_endpoints_down"] += 1
-        untried = [ep for ep in eps if ep.url not in tried] or eps
-        return min(untried, key=lambda ep: ep.cooldown_until)
-
-    def _mark_failed(self, ep: _Endpoint) -> None:
-        ep.failures += 1
-        ep.consecutive_failures += 1
-        ep.cooldown_until = time.monotonic() + self.cooldown_s
-
     async def _score_batch(self, items: list[tuple[list[int], int]]) -> list[TeacherScores]:
-        """Send one request for ``items`` with retries; return validated scores."""
-        body = _dumps(build_request(items, self.top_logprobs))
+        """Send one request for ``items`` with retries (see :class:`RetryPolicy`); return validated scores."""
+        body = _dumps(build_request(items, self.top_logprobs, self.temperature))
         sem, http = self._resources()
         t0 = time.perf_counter()
         tried: set[str] = set()
         attempts = 0
-        last: _AttemptFailed | None = None
-        last_url = self.urls[0]
+        first_failure: float | None = None
         while True:
-            ep = self._pick(tried)
+            ep, all_down = self.pool.pick(tried)
+            self._counts["all_endpoints_down"] += all_down
             tried.add(ep.url)
-            last_url = ep.url
             attempts += 1
             if attempts > 1:
                 self._counts["retries"] += 1
             try:
                 async with sem:
                     data = await self._post(http, ep, body)
-                parsed = _parse_answer(data, items, ep.url, self.top_logprobs)
+                try:
+                    if sum(len(ids) - start for ids, start in items) * (1 + self.top_logprobs) > OFFLOAD_ENTRIES:
+                        parsed = await asyncio.to_thread(parse_answer, data, items, self.top_logprobs)
+                    else:
+                        parsed = parse_answer(data, items, self.top_logprobs)
+                except BadAnswer as e:
+                    raise _bad(ep.shown, e) from None
             except _AttemptFailed as e:
-                last = e
                 self._counts[f"failures_{e.kind}"] += 1
                 if e.kind != "4xx" and e.kind != "bad_response":
-                    self._mark_failed(ep)
+                    self.pool.mark_failed(ep)
+                first_failure = time.perf_counter() if first_failure is None else first_failure
                 retryable = e.retryable or (e.kind == "bad_response" and self.retry_bad_responses)
-                if not retryable or attempts > self.max_retries:
-                    break
-                delay = self._backoff(attempts, e.retry_after)
+                if not retryable:
+                    raise self._give_up(e, items, attempts, tried, t0, "") from None
+                delay, why = self.retry_policy.next_delay(
+                    attempts - 1, time.perf_counter() - first_failure, e.retry_after, self._rng
+                )
+                if delay is None:
+                    raise self._give_up(e, items, attempts, tried, t0, why) from None
                 # Fail over at once when another healthy endpoint exists; back off otherwise.
-                now = time.monotonic()
-                if not any(x.cooldown_until <= now and x.url not in tried for x in self._endpoints):
-                    logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.url, e, attempts, delay)
+                if not self.pool.has_fresh(tried):
+                    logger.debug("teacher %s failed (%s); retry %d in %.2fs", ep.shown, e, attempts, delay)
                     await asyncio.sleep(delay)
                 continue
-            ep.consecutive_failures = 0
-            ep.cooldown_until = 0.0
+            self.pool.mark_ok(ep)
             latency = time.perf_counter() - t0
             self._latencies.append(latency)
             self._counts["sequences"] += len(items)
             return [
                 TeacherScores(
-                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.url
+                    log_probs=lp, top_log_probs=top, latency_s=latency, attempts=attempts, url=ep.shown,
+                    temperature=applied,
                 )
-                for lp, top in parsed
+                for lp, top, applied in parsed
             ]
+
+    def _give_up(
+        self, last: _AttemptFailed, items: list, attempts: int, tried: set[str], t0: float, why: str
+    ) -> TeacherError:
+        """The error a call ends with: what failed, after how many attempts, and why it stopped there."""
         self._counts["errors"] += 1
-        assert last is not None
+        latency = time.perf_counter() - t0
         n = len(items)
         what = "1 sequence" if n == 1 else f"a batch of {n} sequences"
-        if last.kind == "4xx":
-            raise TeacherRequestRejected(f"{last} (scoring {what}; not retried: fix the request)")
-        if last.kind == "bad_response":
-            raise TeacherBadResponse(str(last))
+        count = {"attempts": attempts, "latency_s": latency}
+        if not why:  # not retryable
+            if last.kind == "bad_response":
+                return TeacherBadResponse(
+                    f"{last} (not retried: a wrong answer means a misconfigured server, not a passing fault)",
+                    **count,
+                )
+            return TeacherRequestRejected(
+                f"{last} (scoring {what}; not retried: HTTP {last.status} means the server refused this "
+                "request itself, so it would refuse it again)",
+                **count,
+            )
+        shown = sorted(redact_url(u) for u in tried)
         summary = (
-            f"scoring {what} failed after {attempts} attempt(s) over {sorted(tried)}; last error: {last}"
+            f"scoring {what} failed after {attempts} attempt(s) in {latency:.1f}s over {shown} (stopped: {why}; "
+            f"xvocab_retry_budget_s / retry_budget_s sets how long faults are ridden through); last error: {last}"
         )
         if last.kind == "timeout":
-            raise TeacherTimeout(
+            return TeacherTimeout(
                 f"{summary}. The teacher did not answer within timeout_s={self.timeout_s}; raise timeout_s, "
-                "lower max_concurrency/batch_size, or add teacher replicas."
+                "lower max_concurrency/batch_size, or add teacher replicas.",
+                **count,
             )
-        raise TeacherUnavailable(
-            f"{summary}. Check that the teacher is up (GET {_base_url(last_url)}/health_generate)."
-        )
-
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        cap = min(self.max_backoff_s, self.backoff_s * (2.0 ** (attempt - 1)))
-        delay = self._rng.uniform(0.0, cap)  # full jitter
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.max_backoff_s))
-        return delay
+        if last.status in RETRY_STATUSES or last.status == 503:
+            hint = "The teacher is overloaded: add replicas, or lower xvocab_max_concurrency."
+        else:
+            hint = f"Check that the teacher is up (GET {_base_url(redact_url(sorted(tried)[0]))}/health_generate)."
+        return TeacherUnavailable(f"{summary}. {hint}", **count)
 
     async def _post(self, http: aiohttp.ClientSession, ep: _Endpoint, body: bytes) -> Any:
         """One HTTP attempt; returns decoded JSON or raises _AttemptFailed."""
@@ -748,31 +837,32 @@ class TeacherClient:
                 retry_after_header = r.headers.get("Retry-After") if status != 200 else None
         except asyncio.TimeoutError as e:  # before _NET_ERRORS: aiohttp's timeouts are ClientErrors too
             raise _AttemptFailed(
-                "timeout", f"{ep.url}: no answer within {self.timeout_s}s ({type(e).__name__})", True
+                "timeout", f"{ep.shown}: no answer within {self.timeout_s}s ({type(e).__name__})", True
             ) from None
         except _NET_ERRORS as e:
-            raise _AttemptFailed(
-                "connection", f"{ep.url}: {type(e).__name__}: {e or 'connection failed'}", True
-            ) from None
+            detail = redact_url(f"{type(e).__name__}: {e or 'connection failed'}")
+            raise _AttemptFailed("connection", f"{ep.shown}: {detail}", True) from None
         self._counts["bytes_received"] += len(content)
         if status != 200:
-            msg = parse_error_message(content)
+            msg = redact_url(parse_error_message(content))
             retry_after = _retry_after(retry_after_header)
             if status >= 500:
-                raise _AttemptFailed("5xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
+                raise _AttemptFailed("5xx", f"{ep.shown} answered HTTP {status}: {msg}", True, retry_after, status)
             if status in RETRY_STATUSES:
-                raise _AttemptFailed("4xx", f"{ep.url} answered HTTP {status}: {msg}", True, retry_after)
-            hint = " (check api_key)" if status in (401, 403) else ""
+                raise _AttemptFailed("4xx", f"{ep.shown} answered HTTP {status}: {msg}", True, retry_after, status)
             raise _AttemptFailed(
-                "4xx", f"{ep.url} rejected the request with HTTP {status}: {msg}{hint}", False
+                "4xx", f"{ep.shown} rejected the request with HTTP {status}: {msg}{_hint(status, msg)}", False,
+                status=status,
             )
         try:
+            if len(content) > OFFLOAD_BYTES:  # decoding a long top-k answer would stall the event loop
+                return await asyncio.to_thread(_loads, content)
             return _loads(content)
         except ValueError:
             snippet = content[:200].decode("utf-8", "replace")
             raise _AttemptFailed(
                 "bad_response",
-                f"teacher {ep.url} answered 200 with a body that is not JSON: {snippet!r}",
+                f"teacher {ep.shown} answered 200 with a body that is not JSON: {snippet!r}",
                 False,
             ) from None
 
@@ -803,122 +893,65 @@ def _env_proxy(url: str) -> dict[str, Any]:
     return {"proxy": str(purl.with_user(None)), where: auth}
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
+_CONTEXT_WORDS = ("context length", "context_length", "context window", "too long", "longer than", "max_req_input_len")
+
+
+def _hint(status: int, message: str) -> str:
+    """What to do about a refused request, when the status or the server's message tells."""
+    if status in (401, 403):
+        return " (check api_key / XVOCAB_API_KEY)"
+    if any(w in message.lower() for w in _CONTEXT_WORDS):
+        return (
+            " (the teacher's context is too short for this sequence: set xvocab_max_teacher_tokens, or "
+            "max_input_tokens, to the teacher's max_req_input_len so longer teacher views are cut before sending)"
+        )
+    return ""
+
+
+def _ssl_option(ca_bundle: str | None, verify_tls: bool) -> Any:
+    """The ``ssl=`` argument of the connector: True (system store), False (no verification) or a context."""
+    if not verify_tls:
+        return False
+    if not ca_bundle:
+        return True
+    import ssl
+
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(
+            f"ca_bundle={ca_bundle!r} cannot be used: {type(e).__name__}: {e} (give a readable PEM file of CA "
+            "certificates)"
+        ) from None
 
 
-def _bad(url: str, index: int, n_items: int, what: str) -> _AttemptFailed:
-    where = "the answer" if n_items == 1 else f"answer item {index}"
+def _bad(url: str, e: BadAnswer) -> _AttemptFailed:
+    where = "the answer" if e.n_items == 1 else f"answer item {e.index}"
     return _AttemptFailed(
         "bad_response",
-        f"teacher {url} returned an invalid scoring answer ({where}): {what}. "
+        f"teacher {url} returned an invalid scoring answer ({where}): {e.what}. "
         "Is this an SGLang /generate endpoint started without --allow-auto-truncate?",
         False,
     )
 
 
-def _parse_answer(
-    data: Any, items: list[tuple[list[int], int]], url: str, top_k: int
-) -> list[tuple[np.ndarray, list | None]]:
-    """Validate a decoded ``/generate`` answer for ``items`` and extract the response log-probs."""
-    n = len(items)
-    if n == 1:
-        if isinstance(data, list) and len(data) == 1:
-            data = data[0]
-        objs = [data]
-    else:
-        if not isinstance(data, list):
-            raise _bad(
-                url, 0, n, f"expected a JSON array of {n} objects for a batch, got {type(data).__name__}"
-            )
-        if len(data) != n:
-            raise _bad(url, 0, n, f"batch answer has {len(data)} items, {n} sequences were sent")
-        objs = data
-    out = []
-    for i, (obj, (ids, rs)) in enumerate(zip(objs, items, strict=True)):
-        try:
-            out.append(_parse_item(obj, ids, rs, top_k))
-        except _ItemError as e:
-            raise _bad(url, i, n, str(e)) from None
-        except (TypeError, ValueError, KeyError, IndexError) as e:
-            raise _bad(url, i, n, f"malformed entry ({type(e).__name__}: {e})") from None
-    return out
-
-
-class _ItemError(Exception):
-    pass
-
-
-def _check_lps(lps: np.ndarray, raw: list, what: str) -> None:
-    """Every value finite and <= 0. ``np.array([None], float)`` is nan, so nulls are caught here too."""
-    bad = ~np.isfinite(lps) | (lps > LOGPROB_EPS)
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        got = "null" if raw[j] is None else repr(raw[j])
-        raise _ItemError(f"{what} {j} is {got}; log-probs must be finite numbers <= 0")
-
-
-def _parse_item(obj: Any, ids: list[int], rs: int, top_k: int) -> tuple[np.ndarray, list | None]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("meta_info"), dict):
-        raise _ItemError(f"expected an object with 'meta_info', got {str(obj)[:120]!r}")
-    meta = obj["meta_info"]
-    L = len(ids)
-    start = rs - 1
-    pt = meta.get("prompt_tokens")
-    if pt != L:
-        raise _ItemError(
-            f"meta_info.prompt_tokens={pt!r} but {L} input ids were sent (the server truncated or changed "
-            "the input; never run a teacher with --allow-auto-truncate)"
-        )
-    itl = meta.get("input_token_logprobs")
-    if not isinstance(itl, list):
-        raise _ItemError("meta_info.input_token_logprobs is missing (was return_logprob ignored?)")
-    if len(itl) != L - start:
-        raise _ItemError(
-            f"len(input_token_logprobs)={len(itl)} but prompt_tokens - logprob_start_len = "
-            f"{L} - {start} = {L - start}"
-        )
-    if itl[0][0] is not None:
-        raise _ItemError(
-            f"the leading input_token_logprobs entry should have a null logprob, got {itl[0][0]!r}"
-        )
-    echoed = [e[1] for e in itl]
-    if echoed != ids[start:]:
-        j = next(
-            (k for k, (a, b) in enumerate(zip(echoed, ids[start:], strict=False)) if a != b),
-            min(len(echoed), L - start),
-        )
-        got = echoed[j] if j < len(echoed) else None
-        raise _ItemError(f"echoed token id at position {start + j} is {got!r}, sent {ids[start + j]}")
-    vals = [e[0] for e in itl[1:]]
+def _retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait: delay-seconds or an HTTP date (None if unreadable)."""
+    if not value:
+        return None
     try:
-        lps = np.array(vals, dtype=np.float64)
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    import email.utils
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
-        j = next(k for k, v in enumerate(vals) if not isinstance(v, (int, float)) or isinstance(v, bool))
-        raise _ItemError(f"logprob at response offset {j} is {vals[j]!r}, expected a number") from None
-    _check_lps(lps, vals, "logprob at response offset")
-    top = None
-    if top_k > 0:
-        itop = meta.get("input_top_logprobs")
-        if not isinstance(itop, list) or len(itop) != len(itl):
-            got = len(itop) if isinstance(itop, list) else type(itop).__name__
-            raise _ItemError(
-                f"input_top_logprobs has {got} entries, expected {len(itl)} (top_logprobs_num={top_k})"
-            )
-        top = []
-        for j, entry in enumerate(itop[1:]):
-            if not isinstance(entry, list) or not 1 <= len(entry) <= top_k:
-                raise _ItemError(f"input_top_logprobs at response offset {j} should list 1..{top_k} entries")
-            t_raw = [e[0] for e in entry]
-            t_lps = np.array(t_raw, dtype=np.float64)
-            _check_lps(t_lps, t_raw, f"top-k logprob at response offset {j}, rank")
-            top.append((np.array([e[1] for e in entry], dtype=np.int64), t_lps.astype(np.float32)))
-    return lps.astype(np.float32), top
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 # ---------------------------------------------------------------------- sync wrapper

@@ -14,9 +14,12 @@ What it speaks:
 * ``POST /generate`` (and PUT): ``input_ids`` as a list (one sequence) or a list of lists (a batch), or
   ``text`` / a list of texts when the model dir has a tokenizer (tokenised with ``add_special_tokens=True``,
   like SGLang). ``logprob_start_len``, ``return_logprob``, ``top_logprobs_num``, ``sampling_params`` and
-  ``rid`` may be per-item lists or broadcast scalars. ``sampling_params.max_new_tokens`` must be 0: this
-  server only scores. Answers carry ``input_token_logprobs`` as ``[logprob|null, id, null]`` triples with a
-  leading null, like SGLang; ``input_top_logprobs`` when ``top_logprobs_num > 0``.
+  ``rid`` may be per-item lists or broadcast scalars; so may ``input_logprob_temperature`` (sglang#36213:
+  input log-probs are log softmax(logits / T), T > 0, default 1, the applied T echoed in ``meta_info``; with
+  ``--no-input-logprob-temperature`` the option is ignored and nothing echoed, like SGLang before #36213).
+  ``sampling_params.max_new_tokens`` must be 0: this server only scores. Answers carry
+  ``input_token_logprobs`` as ``[logprob|null, id, null]`` triples with a leading null, like SGLang;
+  ``input_top_logprobs`` when ``top_logprobs_num > 0``.
 * ``GET /health``, ``/health_generate`` (runs a 2-token forward), ``/model_info`` and ``/get_model_info``,
   ``/server_info`` and ``/get_server_info`` (``context_length``, ``max_req_input_len``, ``tp_size``,
   ``dp_size``, ``model_path``, ``version``, and request counters), ``/v1/models``.
@@ -24,9 +27,10 @@ What it speaks:
   one), 400 ``{"object": "error", ...}`` for a body that is not a JSON object, 401 for a missing or
   wrong API key.
 
-Log-probs are ``logits.gather(next_id) - logsumexp(logits)`` in float32 (T=1), with the LM head applied only
-to the positions the batch needs (``logits_to_keep``). Batches are right-padded with an attention mask and
-explicit position ids. Model calls run in one worker thread, one at a time, off the event loop.
+Log-probs are ``logits.gather(next_id) - logsumexp(logits)`` in float32 (logits divided by T first when
+T != 1), with the LM head applied only to the positions the batch needs (``logits_to_keep``). Batches are
+right-padded with an attention mask and explicit position ids. Model calls run in one worker thread, one at
+a time, off the event loop.
 
 **Compact-vocabulary models.** A model trained on a subset of a real tokenizer's vocabulary can be served
 with the real ids: put ``xvocab_vocab_map.json`` = ``{"real_ids": [r_0, ..., r_{K-1}]}`` in the model dir.
@@ -43,6 +47,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -64,6 +69,7 @@ __all__ = ["TeacherModel", "ScoreItem", "make_app", "cli_main", "start_teacher_s
 logger = logging.getLogger(__name__)
 
 VOCAB_MAP_FILE = "xvocab_vocab_map.json"
+TEMPERATURE_KEY = "input_logprob_temperature"  # sglang#36213
 _SAMPLING_DEFAULT_MAX_NEW = (
     None  # SGLang's default is 128 generated tokens; this server requires an explicit 0
 )
@@ -92,6 +98,7 @@ class ScoreItem:
     top_k: int = 0
     return_logprob: bool = True
     rid: str = ""
+    temperature: float = 1.0
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -241,6 +248,9 @@ class TeacherModel:
             logits = logits.float()
             if logits.shape[1] != keep:  # a model that ignored logits_to_keep
                 logits = logits[:, -keep:, :]
+            temps = [it.temperature for it in items]
+            if any(t != 1.0 for t in temps):  # T = 1 divides nothing: stock answers stay bit-identical
+                logits = logits / torch.tensor(temps, dtype=logits.dtype, device=logits.device).view(B, 1, 1)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             next_ids = torch.zeros((B, keep), dtype=torch.long, device=self.device)
             nxt = input_ids[:, first + 1 :]
@@ -301,8 +311,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_generate_request(body: Any, tm: TeacherModel) -> tuple[list[ScoreItem], bool, bool]:
+def parse_generate_request(
+    body: Any, tm: TeacherModel, *, input_logprob_temperature: bool = True
+) -> tuple[list[ScoreItem], bool, bool]:
     """Validate a ``/generate`` body and build the items to score.
+
+    ``input_logprob_temperature=False`` ignores that option, as SGLang without sglang#36213 does.
 
     Returns:
         ``(items, is_batch, return_prompt_token_ids)``.
@@ -377,6 +391,12 @@ def parse_generate_request(body: Any, tm: TeacherModel) -> tuple[list[ScoreItem]
     rls = _per_item(body.get("return_logprob", False), n, "return_logprob", batch, lambda v: False)
     starts = _per_item(body.get("logprob_start_len", -1), n, "logprob_start_len", batch, lambda v: False)
     tops = _per_item(body.get("top_logprobs_num", 0) or 0, n, "top_logprobs_num", batch, lambda v: False)
+    temps = [1.0] * n
+    if input_logprob_temperature and body.get(TEMPERATURE_KEY) is not None:
+        temps = _per_item(body[TEMPERATURE_KEY], n, TEMPERATURE_KEY, batch, lambda v: False)
+        for t in temps:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+                raise RequestError(f"{TEMPERATURE_KEY} must be a positive finite number, got {t!r}.")
     if body.get("token_ids_logprob") is not None:
         raise RequestError(
             "token_ids_logprob is not supported by this reference server; use top_logprobs_num."
@@ -393,7 +413,7 @@ def parse_generate_request(body: Any, tm: TeacherModel) -> tuple[list[ScoreItem]
     if len(set(rids)) != len(rids):
         raise RequestError("Duplicate request ids (rid) in one batch.")
     items = []
-    for s, rl, st, k, r in zip(seqs, rls, starts, tops, rids, strict=True):
+    for s, rl, st, k, r, temp in zip(seqs, rls, starts, tops, rids, temps, strict=True):
         if not _is_int(st) or not _is_int(k) or not isinstance(rl, bool):
             raise RequestError(
                 "logprob_start_len and top_logprobs_num must be integers and return_logprob a boolean.",
@@ -411,13 +431,19 @@ def parse_generate_request(body: Any, tm: TeacherModel) -> tuple[list[ScoreItem]
         if k < 0:
             raise RequestError(f"top_logprobs_num={k} must be >= 0.")
         items.append(
-            ScoreItem(ids=[int(x) for x in s], start=st, top_k=k if rl else 0, return_logprob=rl, rid=r)
+            ScoreItem(
+                ids=[int(x) for x in s], start=st, top_k=k if rl else 0, return_logprob=rl, rid=r,
+                temperature=float(temp),
+            )
         )
     return items, batch, bool(body.get("return_prompt_token_ids", False))
 
 
-def build_answer(it: ScoreItem, latency: float, return_prompt_token_ids: bool) -> dict[str, Any]:
-    """One item's response object, shaped like SGLang's prefill-only ``/generate`` answer."""
+def build_answer(
+    it: ScoreItem, latency: float, return_prompt_token_ids: bool, *, echo_temperature: bool = True
+) -> dict[str, Any]:
+    """One item's response object, shaped like SGLang's prefill-only ``/generate`` answer (with sglang#36213's
+    ``input_logprob_temperature`` echo unless ``echo_temperature`` is False)."""
     meta: dict[str, Any] = {
         "id": it.rid,
         "finish_reason": {"type": "length", "length": 0},
@@ -446,19 +472,29 @@ def build_answer(it: ScoreItem, latency: float, return_prompt_token_ids: bool) -
             )
             meta["output_top_logprobs"] = []
     meta.update(completion_tokens=0, cached_tokens=0, e2e_latency=latency)
+    if echo_temperature:
+        meta[TEMPERATURE_KEY] = it.temperature
     out: dict[str, Any] = {"text": "", "output_ids": [], "meta_info": meta}
     if return_prompt_token_ids:
         out["prompt_token_ids"] = it.ids
     return out
 
 
-def make_app(tm: TeacherModel, *, api_key: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Any:
+def make_app(
+    tm: TeacherModel,
+    *,
+    api_key: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    input_logprob_temperature: bool = True,
+) -> Any:
     """Build the aiohttp application serving ``tm``.
 
     Args:
         tm: the loaded model.
         api_key: if set, every route except ``/health*`` needs ``Authorization: Bearer <api_key>``.
         host, port: reported in ``/server_info``.
+        input_logprob_temperature: honour and echo sglang#36213's option (False: ignore it, like older SGLang).
     """
     from aiohttp import web
 
@@ -487,7 +523,9 @@ def make_app(tm: TeacherModel, *, api_key: str | None = None, host: str = "127.0
             counters["num_errors"] += 1
             return _pydantic_style_error(f"The request body is not valid JSON: {e}")
         try:
-            items, batch, rpti = parse_generate_request(body, tm)
+            items, batch, rpti = parse_generate_request(
+                body, tm, input_logprob_temperature=input_logprob_temperature
+            )
         except RequestError as e:
             counters["num_errors"] += 1
             return _pydantic_style_error(str(e)) if e.status == -1 else _error(str(e), e.status)
@@ -506,7 +544,7 @@ def make_app(tm: TeacherModel, *, api_key: str | None = None, host: str = "127.0
             }
             return web.json_response(body, status=500)
         latency = time.perf_counter() - t0
-        answers = [build_answer(it, latency, rpti) for it in items]
+        answers = [build_answer(it, latency, rpti, echo_temperature=input_logprob_temperature) for it in items]
         counters["num_scored_sequences"] += len(items)
         counters["num_scored_tokens"] += sum(len(it.ids) for it in items)
         return web.json_response(answers if batch else answers[0])
@@ -617,6 +655,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--no-input-logprob-temperature",
+        dest="input_logprob_temperature",
+        action="store_false",
+        help="ignore input_logprob_temperature and echo nothing, like SGLang without sglang#36213",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -633,14 +677,27 @@ def cli_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.num_threads)
-    tm = TeacherModel(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        context_length=args.context_length,
-        max_batch_tokens=args.max_batch_tokens,
+    problem = _model_dir_problem(args.model)
+    if problem is not None:
+        print(f"slime-xvocab serve-teacher: {problem}", file=sys.stderr)
+        return 2
+    try:
+        tm = TeacherModel(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            context_length=args.context_length,
+            max_batch_tokens=args.max_batch_tokens,
+        )
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable weights, unknown architecture, bad device
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"slime-xvocab serve-teacher: cannot load the model from {args.model!r}: {type(e).__name__}: {first}",
+              file=sys.stderr)
+        return 1
+    app = make_app(
+        tm, api_key=args.api_key, host=args.host, port=args.port,
+        input_logprob_temperature=args.input_logprob_temperature,
     )
-    app = make_app(tm, api_key=args.api_key, host=args.host, port=args.port)
     logger.info(
         "teacher %s on %s (%s), context %d, vocab map %s: listening on http://%s:%d",
         tm.model_dir,
@@ -653,6 +710,21 @@ def cli_main(argv: list[str]) -> int:
     )
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handle_signals=True)
     return 0
+
+
+def _model_dir_problem(model: str) -> str | None:
+    """What is wrong with ``--model`` before anything is imported (None: a directory with a config.json)."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return (
+            f"--model {model!r}: no such directory. Give a local Hugging Face model directory (config.json + "
+            "weights), e.g. one downloaded with `huggingface-cli download <org/name> --local-dir DIR`"
+        )
+    if not path.is_dir():
+        return f"--model {model!r} is a file; give the model directory that holds it"
+    if not (path / "config.json").is_file():
+        return f"--model {model!r} has no config.json: it is not a Hugging Face model directory"
+    return None
 
 
 # ---------------------------------------------------------------------- subprocess helper

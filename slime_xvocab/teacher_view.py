@@ -29,8 +29,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +64,8 @@ KNOWN_END_MARKERS = (
 )
 
 _SENTINEL = "XVOCABSENTINELQ7"
+#: Distinct prompts whose teacher rendering and ids a builder keeps (least recently used dropped first).
+PROMPT_CACHE_SIZE = 4096
 END_OF_TURN_UNSCORED = "unscored"  # end_of_turn value: do not score the student's end of turn
 
 
@@ -168,6 +174,44 @@ def validate_messages(messages, *, sample_id=None, field: str = "messages") -> l
                 f"got {type(content).__name__}. {fix}"
             )
     return list(messages)
+
+
+#: Roles every chat template is written for; others count only when the template names them.
+STANDARD_ROLES = ("system", "user", "assistant", "tool")
+
+
+def template_roles(template: Any) -> set[str]:
+    """The roles a chat template handles: the standard ones plus every other role it names in quotes
+    (e.g. Llama-3.1's ``'ipython'``); a template that names none of them (or no template) gets the standard set."""
+    text = template if isinstance(template, str) else ""
+    if isinstance(template, Mapping):  # named templates: {"default": ..., "tool_use": ...}
+        text = "\n".join(str(t) for t in template.values())
+    elif isinstance(template, list):
+        text = "\n".join(str(t.get("template", "")) for t in template if isinstance(t, Mapping))
+    named = set(re.findall(r"""role['"]?\]?\s*==\s*['"]([A-Za-z_][\w-]*)['"]""", text))
+    return set(STANDARD_ROLES) | named
+
+
+def check_roles(messages: Sequence[Mapping], template: Any, *, sample_id=None) -> None:
+    """Raise a SampleError for a role the teacher template does not handle, or a prompt without a user turn.
+
+    Some templates render any role as a header (Llama-3.1) and would score ``"robot"`` silently; others
+    reject it (Gemma-3). Both get the same clear error here, naming the sample, the message and the role.
+    """
+    handled = template_roles(template)
+    for k, message in enumerate(messages):
+        role = message.get("role")
+        if role not in handled:
+            raise SampleError(
+                f"{_where(sample_id)}messages[{k}] has role {role!r}, which the teacher's chat template does "
+                f"not handle (it handles: {', '.join(sorted(handled))}); map it to one of those in the data"
+            )
+    if not any(m.get("role") == "user" for m in messages):
+        roles = [m.get("role") for m in messages]
+        raise SampleError(
+            f"{_where(sample_id)}the prompt has no 'user' message (roles {roles}); the teacher's chat template "
+            "needs a user turn before the response"
+        )
 
 
 def get_path(metadata: Mapping, key: str):
@@ -408,6 +452,8 @@ class TeacherViewBuilder:
         self.max_teacher_tokens = max_teacher_tokens
         self.completion_template = completion_template
         self.probe_next = bool(probe_next)
+        self._prompt_cache: OrderedDict[str, tuple[str, list[int]]] = OrderedDict()
+        self._prompt_lock = threading.Lock()
         self._teacher_lock = tokenizer_lock(teacher_tokenizer)
         self.student_table = token_bytes(student_tokenizer)
         self.teacher_table = token_bytes(teacher_tokenizer)
@@ -481,6 +527,7 @@ class TeacherViewBuilder:
                     )
                 parts.append(self.completion_template.format(role=m["role"], content=content))
             return "".join(parts)
+        check_roles(messages, getattr(self.teacher_tokenizer, "chat_template", None), sample_id=sample_id)
         kwargs = dict(self.template_kwargs)
         if tools is not None:
             kwargs["tools"] = tools
@@ -516,6 +563,28 @@ class TeacherViewBuilder:
             ids = self._completion_prefix + ids
         return ids
 
+    def _prompt(self, messages, tools, sample_id) -> tuple[str, list[int]]:
+        """The teacher prompt's text and ids, cached per distinct (messages, tools): a GRPO group's samples
+        share one prompt, and rendering plus encoding it costs more than aligning a short response."""
+        try:
+            key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False)
+        except (TypeError, ValueError):  # not JSON-able: render every time
+            key = None
+        if key is not None:
+            with self._prompt_lock:
+                hit = self._prompt_cache.get(key)
+                if hit is not None:
+                    self._prompt_cache.move_to_end(key)
+                    return hit
+        text = self.teacher_prompt_text(messages, tools=tools, sample_id=sample_id)
+        entry = (text, self._encode_prompt(text))
+        if key is not None:
+            with self._prompt_lock:
+                self._prompt_cache[key] = entry
+                if len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+                    self._prompt_cache.popitem(last=False)
+        return entry
+
     # -- the view ------------------------------------------------------------------------------------
 
     def build(
@@ -549,8 +618,7 @@ class TeacherViewBuilder:
                 f"{_where(sample_id)}response token ids {bad} are outside the student vocabulary "
                 f"({self.student_table.vocab_size}); is student_tokenizer the policy's tokenizer?"
             )
-        prompt_text = self.teacher_prompt_text(messages, tools=tools, sample_id=sample_id)
-        prompt_ids = self._encode_prompt(prompt_text)
+        prompt_text, prompt_ids = self._prompt(messages, tools, sample_id)
         limit = self.max_teacher_tokens
         if limit is not None and len(prompt_ids) >= limit:
             raise SampleError(

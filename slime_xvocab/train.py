@@ -12,7 +12,7 @@ claimed), then runs slime's own training loop::
         --xvocab-teacher-tokenizer /models/Llama-3.1-70B-Instruct --xvocab-teacher-urls http://10.0.0.7:30000
 
 The loop is slime's ``train.py`` found next to the installed ``slime`` package (a source checkout, as in
-slime's docker image); set ``SLIME_XVOCAB_TRAIN_SCRIPT`` to another file (e.g. ``/root/slime/train_async.py``)
+slime's docker image); set ``SLIME_XVOCAB_TRAIN_SCRIPT`` to another file (e.g. ``<slime checkout>/train_async.py``)
 to run that one instead. The YAML route (``--custom-config-path`` with ``xvocab_*`` keys) needs none of
 this and works with stock ``train.py``.
 """
@@ -63,6 +63,7 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "int": int,
     "opt_int": int,
     "float": float,
+    "opt_float": float,
     "bool": _bool,
 }
 
@@ -113,7 +114,7 @@ def load_slime_train(script: str | os.PathLike | None = None) -> Callable[[Any],
         except ImportError as exc:
             raise RuntimeError(
                 "slime is not importable: run this inside slime's environment (e.g. its docker image), with "
-                "`pip install -e /root/slime` done"
+                "`pip install -e <slime checkout>` done"
             ) from exc
         script = Path(next(iter(slime.__path__))).resolve().parent / "train.py"
     path = Path(script)

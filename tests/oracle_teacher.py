@@ -105,6 +105,8 @@ class OracleServer:
         asyncio.set_event_loop(self._loop)
         app = web.Application()
         app.router.add_post("/generate", self._generate)
+        app.router.add_get("/health_generate", self._health)
+        app.router.add_get("/health", self._health)
         self._runner = web.AppRunner(app)
         self._loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -112,6 +114,9 @@ class OracleServer:
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         self._ready.set()
         self._loop.run_forever()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _generate(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -470,3 +470,46 @@ def test_probe_of_a_dead_teacher_fails(capsys, data):
     assert r["teacher"]["healthy"] is False and r["teacher"]["errors"] >= 3
     assert r["teacher"]["determinism_max_abs_diff"] is None
     assert any("teacher probe" in w for w in r["warnings"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardening: real causes first, one API-key variable, no credentials in the output
+
+
+def test_byte_mismatch_headlines_the_real_cause(capsys, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "Draw a bar"}, {"role": "assistant", "content": "a\u2581b"}]}]
+    path = write_jsonl(tmp_path / "u2581.jsonl", rows)
+    code, r = run_json(capsys, "--student", "qwen3", "--teacher", "gemma3", "--data", path)
+    assert code == 1 and r["byte_mismatch_samples"] == 1
+    assert "U+2581" in r["byte_mismatch_examples"][0]["cause"]
+    (headline,) = [w for w in r["warnings"] if "cannot reproduce" in w]
+    assert "spells a literal U+2581" in headline and "NFC" not in headline
+
+
+def test_api_key_variable_is_the_hooks_one_and_the_old_name_warns(capsys):
+    from slime_xvocab.check import env_api_key
+
+    assert env_api_key({"XVOCAB_API_KEY": "sk-new", "SLIME_XVOCAB_TEACHER_API_KEY": "sk-old"}) == "sk-new"
+    assert env_api_key({"SLIME_XVOCAB_TEACHER_API_KEY": "sk-old"}) == "sk-old"
+    assert "SLIME_XVOCAB_TEACHER_API_KEY is deprecated: set XVOCAB_API_KEY" in capsys.readouterr().err
+    assert env_api_key({}) is None
+
+
+def test_check_output_never_shows_url_credentials(capsys, data):
+    from slime_xvocab.teacher_server import free_port
+
+    url = f"http://bob:hunter22@127.0.0.1:{free_port()}"
+    argv = ["--student", "qwen3", "--teacher", "qwen3", "--data", data, "--n", 1, "--teacher-url", url]
+    code, r = run_json(capsys, *argv, "--probe-samples", 1, "--teacher-timeout", 2)
+    assert code == 1 and "hunter22" not in json.dumps(r) and r["teacher"]["url"].startswith("http://***@")
+    assert cli_main([*map(str, argv), "--probe-samples", "1", "--teacher-timeout", "2"]) == 1
+    captured = capsys.readouterr()
+    assert "hunter22" not in captured.out + captured.err
+
+
+def test_tokenizer_specs_like_the_hooks(capsys, tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS[:1])
+    assert cli_main(["--student", str(tokenizer_dir("qwen3")), "--teacher", "qwen3", "--data", str(good)]) == 0
+    capsys.readouterr()
+    assert cli_main(["--student", "/no/such/dir", "--teacher", "qwen3", "--data", str(good)]) == 2
+    assert "hub id" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,8 +108,45 @@ def test_every_problem_in_one_error():
 def test_opd_type_and_temperature():
     with pytest.raises(ConfigError, match="--opd-type is 'megatron'"):
         build(opd_type="megatron")
-    with pytest.warns(UserWarning, match="--rollout-temperature is 0.7"):
-        build(rollout_temperature=0.7)
+    assert build().teacher_temperature == 1.0  # follows --rollout-temperature (1 in make_args)
+    with pytest.warns(UserWarning, match="need an SGLang teacher with input_logprob_temperature"):
+        assert build(rollout_temperature=0.7).teacher_temperature == 0.7
+    with pytest.warns(UserWarning, match="xvocab_teacher_temperature is 1.0 but --rollout-temperature is 0.7"):
+        build(rollout_temperature=0.7, xvocab_teacher_temperature=1.0)
+    assert build(environ={"XVOCAB_TEACHER_TEMPERATURE": "none"}).teacher_temperature == 1.0
+    with pytest.raises(ConfigError, match="xvocab_teacher_temperature = 0"):
+        build(xvocab_teacher_temperature=0)
+
+
+def warned(**overrides) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build(**overrides)
+    return [str(w.message) for w in caught]
+
+
+def test_start_up_warnings_for_slime_settings_that_bias_the_opd_delta():
+    assert warned() == []  # slime's defaults as make_args has them, OPD launch flags included
+    assert any("--rollout-top-p is 0.9" in w for w in warned(rollout_top_p=0.9))
+    assert not any("rollout-top-p" in w for w in warned(rollout_top_p=1.0))
+    keep = warned(use_rollout_logprobs=False)
+    assert any("without --use-rollout-logprobs" in w and "--use-rollout-logprobs" in w for w in keep)
+    assert warned(use_rollout_logprobs=True) == []
+    assert warned(use_rollout_logprobs=False, xvocab_unscored="mask") == []
+    assert any("--normalize-advantages" in w for w in warned(use_rollout_logprobs=True, normalize_advantages=True))
+
+
+def test_remote_rm_on_the_teacher_url_is_rejected():
+    args = {k: v for k, v in BASE.items() if k != "xvocab_teacher_urls"}
+    with pytest.raises(ConfigError, match="remote_rm, which posts rewards to --rm-url") as info:
+        XVocabConfig.from_args(
+            make_args(**args, rm_url="http://10.0.0.7:13141/generate", xvocab_inner_rm_type="remote_rm"), environ={}
+        )
+    assert "xvocab_teacher_urls" in str(info.value)
+    config = XVocabConfig.from_args(  # a separate teacher URL: fine
+        make_args(**BASE, rm_url="http://10.0.0.8:8000/reward", xvocab_inner_rm_type="remote_rm"), environ={}
+    )
+    assert config.inner_rm_type == "remote_rm"
 
 
 def test_config_pickles_and_is_frozen():
@@ -172,6 +210,61 @@ def test_example_yaml_files_are_valid_and_comment_every_key():
                 assert j > 0 and lines[j - 1].startswith("#"), f"{path}: {line!r} has no comment above it"
         for entry in fields_reference():  # every setting appears, set or commented out
             assert re.search(rf"^(# )?{entry['key']}:", path.read_text(), re.M), f"{path}: {entry['key']}"
+
+
+# ---------------------------------------------------------------------------------------------- transport
+
+
+def test_bad_teacher_urls_are_config_errors_naming_the_key():
+    with pytest.raises(ConfigError, match=r"xvocab_teacher_urls = .*port 99999 is out of range") as ei:
+        build(xvocab_teacher_urls="http://127.0.0.1:99999")
+    assert "xvocab_teacher_urls" in str(ei.value)
+    with pytest.raises(ConfigError, match=r"user:password@ and xvocab_api_key is set too") as ei:
+        build(xvocab_teacher_urls="http://bob:hunter22@10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    assert "hunter22" not in str(ei.value) and "sk-abcdef" not in str(ei.value)
+    with pytest.raises(ConfigError, match="xvocab_ca_bundle='/nonexistent.pem' cannot be used"):
+        build(xvocab_ca_bundle="/nonexistent.pem")
+
+
+def test_secrets_are_never_echoed():
+    with pytest.raises(ConfigError, match=r"xvocab_api_key = <redacted int>: must be a non-empty string") as ei:
+        build(xvocab_api_key=123456789)
+    assert "123456789" not in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        build(xvocab_teacher_urls=["http://bob:hunter22@h:1", "ftp://bob:hunter22@h:2"])
+    assert "hunter22" not in str(ei.value) and "***@" in str(ei.value)
+    config = build(xvocab_teacher_urls="http://bob:hunter22@10.0.0.7:30000")
+    assert "hunter22" not in repr(config) and config.to_dict()["teacher_urls"] == ["http://***@10.0.0.7:30000"]
+    assert config.to_dict(redact=False)["teacher_urls"] == ["http://bob:hunter22@10.0.0.7:30000"]
+
+
+def test_one_api_key_variable_and_the_old_name_still_works_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="SLIME_XVOCAB_TEACHER_API_KEY is deprecated: set XVOCAB_API_KEY"):
+        config = build(environ={"SLIME_XVOCAB_TEACHER_API_KEY": "sk-old-name"})
+    assert config.api_key == "sk-old-name"
+    assert build(environ={"SLIME_XVOCAB_TEACHER_API_KEY": "sk-old", "XVOCAB_API_KEY": "sk-new"}).api_key == "sk-new"
+
+
+def test_transport_warnings(recwarn):
+    build(xvocab_teacher_urls="http://10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    messages = [str(w.message) for w in recwarn]
+    assert any("clear text over plain http to http://10.0.0.7:30000" in m for m in messages)
+    recwarn.clear()
+    build(environ={"XVOCAB_API_KEY": "sk-abcdef"})  # loopback: no warning
+    build(xvocab_teacher_urls="https://10.0.0.7:30000", environ={"XVOCAB_API_KEY": "sk-abcdef"})
+    assert not [w for w in recwarn if "clear text" in str(w.message)]
+    build(xvocab_api_key="sk-in-yaml")
+    assert any("slime prints with its arguments" in str(w.message) for w in recwarn)
+    assert not any("sk-in-yaml" in str(w.message) for w in recwarn)
+
+
+def test_retry_budget_and_the_max_retries_cap():
+    config = build()
+    assert config.retry_budget_s == 60.0 and config.max_retries is None
+    config = build(environ={"XVOCAB_RETRY_BUDGET_S": "5", "XVOCAB_MAX_RETRIES": "2"})
+    assert config.retry_budget_s == 5.0 and config.max_retries == 2
+    with pytest.raises(ConfigError, match="xvocab_retry_budget_s = -1: must be >= 0"):
+        build(xvocab_retry_budget_s=-1)
 
 
 def test_dense_distillation_does_not_need_slimes_opd_flag():

@@ -106,6 +106,31 @@ def test_the_worked_cases():
     np.testing.assert_allclose(default_credit(builder, digits, "2", False)[3].values, [np.log(0.9)], atol=1e-6)
 
 
+def test_a_realized_token_outside_the_top_k_still_gets_its_value():
+    builder = builder_for("qwen3", "llama3_1")
+    responses = {" the cat": 0.5, " there": 0.3, " then": 0.2}
+    view, lps, top, got = default_credit(builder, responses, " then", True, k=2)  # top-2: " the", " there"
+    assert builder.teacher_tokenizer.convert_tokens_to_ids("Ġthen") not in top[0][0]
+    np.testing.assert_allclose(got.values, oracle_values(builder.student_tokenizer, responses, " then", True),
+                               atol=1e-6)
+    assert got.top_mass < 1.0  # the tail is reported
+
+
+def test_an_unscored_end_of_turn_charges_nothing_to_the_last_token():
+    builder = TeacherViewBuilder(load_tokenizer("qwen3"), load_tokenizer("llama3_1"), end_of_turn="unscored",
+                                 probe_next=True)
+    the_cat = {" the cat": 0.2, " the dog": 0.3, " there": 0.3, " then": 0.2}
+    s_ids = canonical_ids(builder.student_tokenizer, " the cat") + [student_eot(builder)]
+    view = builder.build("Say something.", s_ids)
+    assert not view.eot_mapped and len(view.probe_ids) == 1
+    llama = builder.teacher_tokenizer
+    lps, top = CanonicalTeacher(llama, the_cat, llama.convert_tokens_to_ids("<|eot_id|>")).score(view.response_ids)
+    ext = student_extensions(builder.student_tokenizer, builder.student_table)
+    got = student_token_credit(view, lps, top, np.full(3, -0.7), ext, builder.teacher_table)
+    np.testing.assert_allclose(got.values, [np.log(0.5), np.log(0.4), -0.7], atol=1e-6)
+    assert got.scored.tolist() == [True, True, False]
+
+
 class _NeverExtends:
     """The byte-level conditional (the old prefix split's target): no student token is ever extended."""
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -205,3 +208,28 @@ def test_against_slime_itself(tmp_path, qwen):
                 if args.apply_chat_template:
                     kwargs = args.apply_chat_template_kwargs
                     assert g.prompt == slime_rule(qwen, row, kwargs, args.rollout_max_prompt_len)
+
+
+def test_rows_cli_errors_name_the_file_line_without_a_traceback(tmp_path, capsys):
+    good = json.dumps({"input": "hi"})
+    cases = {
+        "not_json.jsonl": (f"{good}\n\n{{oops\n".encode(), "not_json.jsonl: line 3 is not JSON"),
+        "latin1.jsonl": (good.encode() + b"\n" + '{"input": "caf\xe9"}'.encode("latin-1") + b"\n",
+                         "latin1.jsonl: line 2 is not valid UTF-8"),
+        "no_input.jsonl": (f"{good}\n\n{json.dumps({'question': 'x'})}\n".encode(),
+                           "no_input.jsonl, line 3: row 2: no 'input' column"),
+        "bad_role.jsonl": (f"{good}\n{json.dumps({'input': [{'content': 'x'}]})}\n".encode(),
+                           "bad_role.jsonl, line 2: sample 2: prompt[0] has no string 'role'"),
+        "list_row.jsonl": (b"[1, 2]\n", "list_row.jsonl: line 1 is a JSON list, not an object"),
+    }
+    for name, (content, message) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert main(["--in", str(tmp_path / name), "--out", str(tmp_path / "out.jsonl")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (message, err)
+    res = subprocess.run(
+        [sys.executable, "-m", "slime_xvocab.data_source", "--in", str(tmp_path / "latin1.jsonl"), "--out",
+         str(tmp_path / "o.jsonl")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "line 2 is not valid UTF-8" in res.stderr

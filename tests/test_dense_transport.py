@@ -212,7 +212,8 @@ def test_samples_the_teacher_cannot_score_get_targets_with_no_valid_position_and
     from slime_xvocab.metrics import compute_rollout_metrics
     from slime_xvocab.teacher_server import free_port
 
-    args = xargs(f"http://127.0.0.1:{free_port()}", xvocab_max_failed_fraction=1.0, xvocab_dense=True)
+    args = xargs(f"http://127.0.0.1:{free_port()}", xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0,
+                 xvocab_dense=True)
     hooks.reset()
     try:
         samples = run_rollout(args, rollout(Sample))

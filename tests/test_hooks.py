@@ -202,6 +202,7 @@ def test_hooks_load_by_dotted_path_with_slimes_parameter_names(flag):
             assert params[kw].kind == params[kw].KEYWORD_ONLY
     if flag == "custom_reward_post_process_path":
         assert not inspect.iscoroutinefunction(fn), "slime calls the post-process synchronously"
+        assert tuple(params) == SIGNATURES[flag], "slime's contract test compares the whole parameter list"
 
 
 def test_public_names_of_hooks_module():
@@ -319,7 +320,7 @@ def test_unscored_mask_takes_positions_without_a_teacher_value_out_of_the_loss(t
 
 
 def test_unscored_mask_covers_samples_that_fall_back(dead_url):
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0, xvocab_unscored="mask")
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0, xvocab_unscored="mask")
     samples = run_rollout(args, rollout(Sample))
     assert all(s.loss_mask == [0] * s.response_length for s in samples)
     late = rollout(Sample, 1)[0]  # never scored by the reward hook: the post-process fills and masks it
@@ -382,7 +383,7 @@ def test_evaluation_samples_never_reach_the_teacher(cls, dead_url):
 
     # Without an inner reward, eval gets 0.0; the sample hook's evaluation=False beats the heuristic.
     hooks.reset()
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0)
     train = rollout(cls, 1)
     train[0].custom_rm_path = "slime_xvocab.hooks.reward_func"
     run_rollout(args, train, evaluation=False)
@@ -428,7 +429,7 @@ def test_missing_messages_fall_back_and_are_counted(teacher, caplog):
 
 def test_dead_teacher_falls_back_to_student_log_probs(dead_url, caplog):
     caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
-    args = xargs(dead_url, xvocab_max_failed_fraction=1.0)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0)
     samples = run_rollout(args, rollout(Sample))
     for s, adv in zip(samples, apply_opd_kl(args, samples), strict=True):
         assert s.metadata["xvocab"]["failed"] is True
@@ -442,7 +443,7 @@ def test_dead_teacher_falls_back_to_student_log_probs(dead_url, caplog):
 
 
 def test_dead_teacher_beyond_max_failed_fraction_stops_with_a_clear_error(dead_url):
-    args = xargs(dead_url, xvocab_max_failed_fraction=0.25)
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=0.25)
     samples = run_rollout(args, rollout(Sample))
     with pytest.raises(TeacherError, match=r"4 of 4 samples could not be scored") as info:
         hooks.post_process_rewards(args, samples)
@@ -450,7 +451,7 @@ def test_dead_teacher_beyond_max_failed_fraction_stops_with_a_clear_error(dead_u
 
 
 def test_dead_teacher_with_fallback_error_raises_naming_the_sample(dead_url):
-    args = xargs(dead_url, xvocab_fallback="error")
+    args = xargs(dead_url, xvocab_startup_probe=False, xvocab_fallback="error")
     with pytest.raises(TeacherError, match=r"(?s)sample \(group_index=0, index=0\).*xvocab_fallback=error"):
         run_rollout(args, rollout(Sample, 1))
 
@@ -572,3 +573,194 @@ def test_launch_teacher_script_starts_waits_and_stops_only_its_server(teacher_di
         time.sleep(0.1)
     else:
         pytest.fail("the teacher did not stop")
+
+
+# ---------------------------------------------------------------------------------------------- fit to slime today
+
+
+@pytest.fixture
+def fake_rm_hub(monkeypatch):
+    """slime's ``rm_hub.async_rm`` stand-in: resolves the type as stock slime does and records each call."""
+    import sys
+    import types
+
+    calls = []
+
+    async def async_rm(args, sample, **kwargs):
+        md = sample.metadata if isinstance(sample.metadata, dict) else {}
+        rm_type = (md.get("rm_type") or args.rm_type or "").strip()  # stock slime's order
+        calls.append({"rm_type": rm_type, "args_rm_type": args.rm_type, "args_custom_rm_path": args.custom_rm_path,
+                      "sample_custom_rm_path": sample.custom_rm_path})
+        return {"math": 1, "f1": 0.5, "deepscaler": 0.25}[rm_type]
+
+    for name in ("slime", "slime.rollout"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    hub = types.ModuleType("slime.rollout.rm_hub")
+    hub.async_rm = async_rm
+    monkeypatch.setitem(sys.modules, "slime.rollout.rm_hub", hub)
+    return calls
+
+
+def eval_sample(metadata: dict) -> Sample:
+    sample = rollout(Sample, 1)[0]
+    sample.metadata = {**sample.metadata, **metadata}
+    sample.custom_rm_path = None  # slime copies the eval dataset's custom_rm_path: none here
+    hooks.mark_evaluation(None, sample, rollout_id=0, evaluation=True)
+    return sample
+
+
+def test_eval_sample_honours_its_datasets_rm_type_before_the_run_wide_ones(dead_url, fake_rm_hub):
+    """slime's eval_config puts a per-dataset rm_type in sample.metadata; stock async_rm reads it first."""
+    reward = hooks.reward_func
+    args = xargs(dead_url, rm_type="deepscaler", xvocab_inner_rm_type="f1")
+    assert asyncio.run(reward(args, eval_sample({"rm_type": "math"}))) == 1
+    assert asyncio.run(reward(args, eval_sample({}))) == 0.5  # xvocab_inner_rm_type
+    hooks.reset()
+    args = xargs(dead_url, rm_type="deepscaler")
+    assert asyncio.run(reward(args, eval_sample({}))) == 0.25  # --rm-type
+    assert asyncio.run(reward(args, eval_sample({"rm_type": " math "}))) == 1
+    assert [c["rm_type"] for c in fake_rm_hub[:4]] == ["math", "f1", "deepscaler", "math"]
+    assert all(c["args_rm_type"] == c["rm_type"] for c in fake_rm_hub)
+    assert all(c["args_custom_rm_path"] is None and c["sample_custom_rm_path"] is None for c in fake_rm_hub)
+    no_lps = eval_sample({"rm_type": "math"})
+    no_lps.rollout_log_probs = None  # a custom generate that records none: eval never needs them
+    assert asyncio.run(reward(args, no_lps)) == 1
+    hooks.reset()
+    assert asyncio.run(reward(xargs(dead_url), eval_sample({}))) == 0.0  # no reward type anywhere
+    assert len(fake_rm_hub) == 5
+    assert hooks._cached(hooks._RUNTIMES, args) is None, "eval samples never load tokenizers or reach the teacher"
+
+
+def test_remote_rm_on_the_teacher_url_is_refused_for_eval_samples(dead_url, fake_rm_hub):
+    args = xargs(dead_url, xvocab_teacher_urls=None, rm_url=dead_url)  # the teacher URL defaults to --rm-url
+    with pytest.raises(ConfigError, match="remote_rm' posts rewards to --rm-url"):
+        asyncio.run(hooks.reward_func(args, eval_sample({"rm_type": "remote_rm"})))
+    assert fake_rm_hub == []
+
+
+def test_slime_logger_is_found_in_either_layout_and_its_absence_is_warned_once(monkeypatch, caplog):
+    import sys
+    import types
+
+    caplog.set_level(logging.WARNING, logger="slime_xvocab.hooks")
+    for name in ("slime.observability.logging_utils", "slime.utils.logging_utils"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it raises ImportError
+    hooks.reset()
+    assert hooks.slime_logging() is None and hooks.slime_logging() is None
+    warnings_ = [r for r in caplog.records if "slime's logger is not importable" in r.getMessage()]
+    assert len(warnings_) == 1 and "slime.utils.logging_utils" in warnings_[0].getMessage()
+
+    logged = []  # slime v0.3.1 and earlier: slime.utils.{logging_utils,metric_utils}
+    log_mod, step_mod = types.ModuleType("slime.utils.logging_utils"), types.ModuleType("slime.utils.metric_utils")
+    log_mod.log = lambda args, data, step_key: logged.append((data, step_key))
+    step_mod.compute_rollout_step = lambda args, rollout_id: rollout_id * 10
+    for name, mod in (("slime", types.ModuleType("slime")), ("slime.utils", types.ModuleType("slime.utils")),
+                      ("slime.utils.logging_utils", log_mod), ("slime.utils.metric_utils", step_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    hooks.reset()
+    args = make_args(use_wandb=False)
+    hooks.log_rollout_data(2, args, [], {}, 0.1)
+    ((data, step_key),) = logged
+    assert step_key == "rollout/step" and data["rollout/step"] == 20 and data["rollout/xvocab/samples"] == 0.0
+
+
+def test_teacher_temperature_reaches_the_server_and_a_server_ignoring_it_is_warned_once(teacher, caplog):
+    caplog.set_level(logging.WARNING, logger="slime_xvocab.hooks")
+    cold = run_rollout(xargs(teacher.url, rollout_temperature=0.5, xvocab_credit_mode="exact"), rollout(Sample, 2))
+    hooks.reset()
+    plain = run_rollout(xargs(teacher.url, xvocab_credit_mode="exact"), rollout(Sample, 2))
+    hook_warnings = [r for r in caplog.records if r.name == "slime_xvocab.hooks"]
+    assert not any("input_logprob_temperature" in r.getMessage() for r in hook_warnings)
+    for c, p in zip(cold, plain, strict=True):
+        assert not np.allclose(np.asarray(c.teacher_log_probs), np.asarray(p.teacher_log_probs))
+
+    class _Client:
+        temperature = 0.5
+
+    runtime = hooks._Runtime(config=None, builder=None, client=_Client())
+    ignored = type("Scores", (), {"temperature": 1.0, "url": "http://old-sglang/generate"})()
+    hooks._check_temperature(runtime, ignored)
+    hooks._check_temperature(runtime, ignored)
+    (record,) = [
+        r for r in caplog.records if r.name == "slime_xvocab.hooks" and "input_logprob_temperature" in r.getMessage()
+    ]
+    assert "http://old-sglang/generate" in record.getMessage() and "applied 1" in record.getMessage()
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+
+
+@pytest.mark.parametrize("bad", [None, "missing", "short"])
+def test_bad_rollout_log_probs_are_a_counted_fallback_not_a_crash(teacher, caplog, bad):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(teacher.url, xvocab_max_failed_fraction=1.0)
+    samples = rollout(Sample, 2)
+    broken = samples[0]
+    if bad == "short":
+        broken.rollout_log_probs = broken.rollout_log_probs[:-1]
+    elif bad == "missing":
+        del broken.rollout_log_probs
+    else:
+        broken.rollout_log_probs = None
+    samples = run_rollout(args, samples)
+    entry = samples[0].metadata["xvocab"]
+    assert entry["failed"] is True and "rollout_log_probs" in entry["error"] and "index=0" in entry["error"]
+    assert len(samples[0].teacher_log_probs) == samples[0].response_length
+    assert samples[1].metadata["xvocab"]["failed"] is False
+    hooks.log_rollout_data(0, args, samples, None, 0.0)
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/xvocab/failures/invalid_sample"] == 1 and metrics["rollout/xvocab/teacher_failures"] == 1
+    hooks.post_process_rewards(args, samples)
+    assert logged(caplog, "post-process")["rollout/xvocab/fallback_samples"] == 1
+    samples = rollout(Sample, 1)
+    samples[0].rollout_log_probs = None
+    with pytest.raises(SampleError, match=r"(?s)sample \(group_index=0, index=0\).*rollout_log_probs is None"):
+        run_rollout(xargs(teacher.url, xvocab_fallback="error"), samples)
+
+
+def test_retries_of_failed_samples_are_counted(dead_url, caplog):
+    caplog.set_level(logging.INFO, logger="slime_xvocab.hooks")
+    args = xargs(
+        dead_url, xvocab_startup_probe=False, xvocab_max_failed_fraction=1.0, xvocab_max_retries=2,
+        xvocab_retry_budget_s=30.0,
+    )
+    samples = run_rollout(args, rollout(Sample))
+    hooks.log_rollout_data(0, args, samples, None, 0.0)
+    metrics = logged(caplog, "rollout")
+    assert metrics["rollout/xvocab/teacher_retries"] == 4 * 2  # was 0: failed samples' retries were dropped
+    assert metrics["rollout/xvocab/teacher_requests"] == 4 * 3
+    assert metrics["rollout/xvocab/teacher_attempt_failures/connection"] == 4 * 3
+    assert metrics["rollout/xvocab/failures/teacher_unavailable"] == 4
+
+
+def test_startup_probe_stops_a_dead_teacher_at_the_first_call(dead_url):
+    args = xargs(dead_url, xvocab_retry_budget_s=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(TeacherError, match=r"start-up probe: no teacher endpoint answered /health_generate"):
+        run_rollout(args, rollout(Sample, 4))
+    assert time.monotonic() - t0 < 10
+
+
+def test_startup_probe_checks_the_context_limit_against_the_server(teacher):
+    info = httpx.get(teacher.url + "/server_info").json()
+    args = xargs(teacher.url, xvocab_max_teacher_tokens=info["max_req_input_len"] + 1)
+    with pytest.raises(ConfigError, match=r"xvocab_max_teacher_tokens=\d+ is more than the teacher accepts"):
+        run_rollout(args, rollout(Sample, 1))
+
+
+def test_url_credentials_never_reach_logs_or_sample_errors(caplog):
+    caplog.set_level(logging.INFO)
+    url = f"http://bob:hunter22@127.0.0.1:{free_port()}"
+    args = xargs(url, xvocab_startup_probe=False, xvocab_max_failed_fraction=0.0)
+    samples = run_rollout(args, rollout(Sample, 2))
+    with pytest.raises(TeacherError) as info:
+        hooks.post_process_rewards(args, samples)
+    assert "hunter22" not in str(info.value) and "http://***@127.0.0.1" in str(info.value)
+    assert all("hunter22" not in s.metadata["xvocab"]["error"] for s in samples)
+    assert "hunter22" not in caplog.text and "***@127.0.0.1" in caplog.text
+
+
+def test_bad_tokenizer_path_is_a_config_error_at_the_first_call(teacher):
+    args = xargs(teacher.url, xvocab_teacher_tokenizer="/nonexistent/teacher-tokenizer")
+    with pytest.raises(ConfigError, match=r"could not load the teacher tokenizer .*xvocab_teacher_tokenizer"):
+        run_rollout(args, rollout(Sample, 2))

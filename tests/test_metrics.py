@@ -66,8 +66,9 @@ def test_every_key_is_documented_and_flat_floats():
     m |= compute_post_process_metrics(1, 0)
     for key, value in m.items():
         assert isinstance(value, float)
-        assert key in METRICS or (key.startswith("unaligned/") and "unaligned/<reason>" in METRICS), key
-    assert set(METRICS) - {"unaligned/<reason>"} - set(DENSE_METRICS) <= set(m)
+        patterns = [k.split("<")[0] for k in METRICS if "<" in k]
+        assert key in METRICS or any(key.startswith(p) for p in patterns), key
+    assert {k for k in METRICS if "<" not in k} - set(DENSE_METRICS) <= set(m)
     assert not set(DENSE_METRICS) & set(m)  # dense keys only when xvocab_dense is on
     reasons = METRICS["unaligned/<reason>"]
     for reason in Unaligned:
@@ -90,3 +91,21 @@ def test_dense_metrics_weigh_positions_and_target_positions():
     assert m["dense_valid_fraction"] == pytest.approx(4 / 10)
     assert m["dense_tail_mass"] == pytest.approx(0.8 / 4)
     assert m["dense_listed_mass"] == pytest.approx(1 - 0.8 / 4)
+
+
+def test_failures_by_reason_and_retries_of_failed_samples_count():
+    from slime_xvocab.errors import ByteMismatchError, TeacherTimeout, TeacherUnavailable
+    from slime_xvocab.metrics import failure_reason
+
+    assert failure_reason(TeacherUnavailable("x")) == "teacher_unavailable"
+    assert failure_reason(ByteMismatchError("x")) == "byte_mismatch"
+    assert failure_reason(KeyError("x")) == "internal_error"
+    a = align_spans(np.array([[0, 1], [1, 1]]), np.array([[0, 1]]))
+    ok = stats_of(a, attempts=2)
+    dead = sample_stats(a.stats().as_dict(), attempts=5, failed=True, failure=failure_reason(TeacherUnavailable()))
+    slow = sample_stats(a.stats().as_dict(), attempts=3, failed=True, failure=failure_reason(TeacherTimeout()))
+    m = compute_rollout_metrics([ok, dead, slow], {"requests": 10, "failures_5xx": 4, "failures_timeout": 3})
+    assert m["teacher_retries"] == 1 + 4 + 2  # the retries of the two failed samples count too
+    assert m["teacher_failures"] == 2 and m["failures/teacher_unavailable"] == 1 and m["failures/teacher_timeout"] == 1
+    assert m["teacher_attempt_failures/5xx"] == 4 and m["teacher_attempt_failures/timeout"] == 3
+    assert m["teacher_attempt_failures/connection"] == 0

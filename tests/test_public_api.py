@@ -18,7 +18,7 @@ def test_all_lists_importable_names():
 def test_plugin_imports_without_slime_ray_sglang_megatron():
     code = (
         "import sys, slime_xvocab.hooks, slime_xvocab.data_source, slime_xvocab.teacher_view, "
-        "slime_xvocab.teacher_client, slime_xvocab.alignment, slime_xvocab.config;"
+        "slime_xvocab.teacher_client, slime_xvocab.alignment, slime_xvocab.credit, slime_xvocab.config;"
         "bad = [m for m in ('slime', 'ray', 'sglang', 'megatron') if m in sys.modules];"
         "assert not bad, bad"
     )

@@ -13,6 +13,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from slime_xvocab.errors import (
     TeacherUnavailable,
 )
 from slime_xvocab.teacher_client import (
+    RetryPolicy,
     SyncTeacherClient,
     TeacherClient,
     build_request,
@@ -83,6 +85,10 @@ class FaultServer:
         self.headers: list[dict] = []
         self.delay_s = 0.0
         self.slow_s = 2.0
+        self.echo_temperature = False  # True: answer like SGLang with sglang#36213 (echo the applied T)
+        self.outage_until = 0.0  # time.monotonic() before which every request gets outage_status
+        self.outage_status = 500
+        self.request_times: list[float] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -126,12 +132,17 @@ class FaultServer:
             body = await request.json()
             self.bodies.append(body)
             self.headers.append(dict(request.headers))
+            self.request_times.append(time.monotonic())
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
-            if isinstance(action, tuple):  # ("status", code, body)
-                _, code, payload = action
+            if time.monotonic() < self.outage_until:
+                return web.json_response({"error": {"message": "outage"}}, status=self.outage_status)
+            if isinstance(action, tuple):  # ("status", code, body[, headers])
+                _, code, payload, *headers = action
                 text = payload if isinstance(payload, str) else json.dumps(payload)
-                return web.Response(status=code, text=text, content_type="application/json")
+                return web.Response(
+                    status=code, text=text, content_type="application/json", headers=headers[0] if headers else None
+                )
             if action == "slow":
                 await asyncio.sleep(self.slow_s)
                 action = "ok"
@@ -142,6 +153,8 @@ class FaultServer:
                 return web.Response(status=200, text='{"meta_info": {', content_type="application/json")
             ids, starts = body["input_ids"], body["logprob_start_len"]
             top_k = body.get("top_logprobs_num", 0)
+            if ids and isinstance(ids[0], list) and not isinstance(starts, list):
+                starts = [starts] * len(ids)  # SGLang broadcasts a scalar over the batch
             if ids and isinstance(ids[0], list):
                 answers = [_answer(i, s, top_k, "ok") for i, s in zip(ids, starts, strict=True)]
                 if action == "batch_short":
@@ -149,7 +162,10 @@ class FaultServer:
                 elif action != "ok":
                     answers[-1] = _answer(ids[-1], starts[-1], top_k, action)
                 return web.json_response(answers)
-            return web.json_response(_answer(ids, starts, top_k, action))
+            answer = _answer(ids, starts, top_k, action)
+            if self.echo_temperature:
+                answer["meta_info"]["input_logprob_temperature"] = body.get("input_logprob_temperature", 1.0)
+            return web.json_response(answer)
         finally:
             self.in_flight -= 1
 
@@ -425,6 +441,31 @@ def test_batching_packs_requests_and_keeps_order(server):
     assert st["requests"] == 3 and st["sequences"] == 10
 
 
+def test_batch_with_one_start_sends_a_scalar_start_that_a_router_accepts(server):
+    """sglang-router's typed request rejects a list logprob_start_len (422); equal starts need no list."""
+    items = [(IDS, 4), (IDS[:8], 4), (IDS[:6], 4)]
+    with client(server.url, batch_size=3) as c:
+        out = c.score_many(items)
+    assert server.bodies[0]["logprob_start_len"] == 3
+    for s, (ids, rs) in zip(out, items, strict=True):
+        np.testing.assert_allclose(s.log_probs, expected_lps(ids, rs), atol=1e-6)
+    assert build_request([(IDS, 4), (IDS, 5)])["logprob_start_len"] == [3, 4]
+
+
+def test_temperature_is_sent_only_when_not_one_and_the_applied_value_is_reported(server):
+    with client(server.url) as c:
+        assert c.score(IDS, 6).temperature == 1.0
+    assert "input_logprob_temperature" not in server.bodies[-1]  # T = 1: the stock body
+    with client(server.url, temperature=0.7) as c:
+        ignored = c.score(IDS, 6)  # this fault server predates sglang#36213: no echo
+        server.echo_temperature = True
+        applied = c.score(IDS, 6)
+    assert server.bodies[-1]["input_logprob_temperature"] == 0.7
+    assert ignored.temperature == 1.0 and applied.temperature == 0.7
+    with pytest.raises(ValueError, match="temperature=0"):
+        TeacherClient("http://127.0.0.1:1", temperature=0)
+
+
 @pytest.mark.parametrize(
     "action, message", [("batch_short", "batch answer has 1 items, 2 sequences"), ("ids", "answer item 1")]
 )
@@ -564,3 +605,175 @@ def test_client_settings_are_validated():
         TeacherClient([])
     with pytest.raises(ValueError, match="max_concurrency=0"):
         TeacherClient("http://x:1", max_concurrency=0)
+
+
+# ---------------------------------------------------------------------------- retry budget
+
+
+def test_retry_policy_bounds_every_sleep_and_the_whole_budget():
+    rng = __import__("random").Random(0)
+    policy = RetryPolicy(budget_s=10.0, backoff_s=0.5, max_backoff_s=2.0)
+    for retries in range(8):
+        delay, why = policy.next_delay(retries, 1.0, None, rng)
+        assert why == "" and 0.0 <= delay <= min(2.0, 0.5 * 2**retries)
+    assert policy.next_delay(3, 9.9, None, rng)[0] <= 0.1 + 1e-9  # never sleeps past the budget
+    delay, why = policy.next_delay(3, 10.0, None, rng)
+    assert delay is None and "retry budget of 10s spent" in why
+    assert policy.next_delay(0, 0.0, 4.0, rng)[0] >= 4.0  # Retry-After beyond max_backoff_s is honoured
+    delay, why = policy.next_delay(0, 8.0, 4.0, rng)
+    assert delay is None and "Retry-After=4s" in why
+    delay, why = RetryPolicy(max_retries=2).next_delay(2, 0.0, None, rng)
+    assert delay is None and "max_retries=2" in why
+
+
+def test_an_outage_shorter_than_the_budget_is_ridden_through(server):
+    server.outage_until = time.monotonic() + 1.5  # the 4 s blip of the fault run, shortened
+    with client(server.url, retry_budget_s=5.0, backoff_s=0.05, max_backoff_s=0.2) as c:
+        s = c.score(IDS, 5)
+        st = c.stats()
+    np.testing.assert_allclose(s.log_probs, expected_lps(IDS, 5), atol=1e-6)
+    assert s.attempts == server.requests > 2 and s.latency_s >= 1.4
+    assert st["retries"] == server.requests - 1 and st["failures_5xx"] == server.requests - 1
+
+
+def test_an_outage_longer_than_the_budget_fails_with_its_attempts_counted(server):
+    server.outage_until = time.monotonic() + 60
+    with client(server.url, retry_budget_s=0.5, backoff_s=0.05, max_backoff_s=0.1) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TeacherUnavailable, match=r"stopped: retry budget of 0.5s spent") as ei:
+            c.score(IDS, 5)
+        took = time.monotonic() - t0
+        st = c.stats()
+    assert 0.5 <= took < 1.5
+    assert ei.value.attempts == server.requests == st["requests"] and st["retries"] == server.requests - 1
+    assert ei.value.latency_s == pytest.approx(took, abs=0.1)
+
+
+@pytest.mark.parametrize("code", [429, 503])
+def test_429_and_503_after_the_budget_say_overloaded_not_fix_the_request(server, code):
+    server.default = ("status", code, {"error": "slow down"})
+    with client(server.url, max_retries=3) as c:
+        with pytest.raises(TeacherUnavailable) as ei:
+            c.score(IDS, 5)
+    message = str(ei.value)
+    assert "fix the request" not in message and "not retried" not in message
+    assert "4 attempt(s)" in message and "max_retries=3" in message and "overloaded" in message
+    assert server.requests == 4 and ei.value.attempts == 4
+
+
+def test_retry_after_is_honoured(server):
+    server.script = [("status", 503, {"error": "restarting"}, {"Retry-After": "0.4"})]
+    with client(server.url) as c:
+        assert c.score(IDS, 5).attempts == 2
+    assert server.request_times[1] - server.request_times[0] >= 0.39
+
+
+def test_a_rejected_request_says_why_it_is_not_retried(server):
+    server.script = [("status", 400, {"error": "The input (900 tokens) is longer than the model's context length"})]
+    with client(server.url) as c:
+        with pytest.raises(TeacherRequestRejected, match="xvocab_max_teacher_tokens") as ei:
+            c.score(IDS, 5)
+    assert "not retried: HTTP 400 means the server refused this request itself" in str(ei.value)
+    assert ei.value.attempts == 1
+
+
+# ---------------------------------------------------------------------------- URLs and credentials
+
+
+def test_bad_urls_and_credentials_fail_at_construction_without_echoing_secrets():
+    with pytest.raises(ValueError, match="port 99999 is out of range"):
+        TeacherClient("http://127.0.0.1:99999")
+    with pytest.raises(ValueError, match="keep one") as ei:
+        TeacherClient("http://bob:hunter22@127.0.0.1:1", api_key="sk-secret-key")
+    assert "hunter22" not in str(ei.value) and "sk-secret-key" not in str(ei.value)
+    with pytest.raises(ValueError, match="ca_bundle='/nonexistent/ca.pem' cannot be used"):
+        TeacherClient("https://127.0.0.1:1", ca_bundle="/nonexistent/ca.pem")
+
+
+def test_url_credentials_never_appear_in_errors_stats_or_scores(server):
+    url = server.url.replace("http://", "http://bob:hunter22@")
+    with client(url) as c:
+        s = c.score(IDS, 5)
+        assert s.url == server.url.replace("http://", "http://***@") + "/generate"
+        assert "Basic" in server.headers[0]["Authorization"]  # the credentials are still sent
+        server.default = ("status", 500, {"error": "boom"})
+        c.client.retry_policy = RetryPolicy(budget_s=0.1, backoff_s=0.01, max_backoff_s=0.01)
+        with pytest.raises(TeacherUnavailable) as ei:
+            c.score(IDS, 5)
+        assert "hunter22" not in str(ei.value) and "***@" in str(ei.value)
+        assert all("hunter22" not in k for k in c.endpoint_stats())
+    dead = dead_url().replace("http://", "http://bob:hunter22@")
+    with client(dead, max_retries=0) as c:
+        with pytest.raises(TeacherUnavailable) as ei:
+            c.score(IDS, 5)
+    assert "hunter22" not in str(ei.value)
+
+
+# ---------------------------------------------------------------------------- TLS: a private CA
+
+
+def _make_ca_and_server_cert(tmp_path):
+    """A throwaway CA and a 127.0.0.1 server certificate it signs (openssl, nothing leaves tmp_path)."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ca_key, ca_pem = tmp_path / "ca.key", tmp_path / "ca.pem"
+    key, csr, pem, ext = tmp_path / "srv.key", tmp_path / "srv.csr", tmp_path / "srv.pem", tmp_path / "ext.cnf"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=xvocab test CA",
+        "-keyout", str(ca_key), "-out", str(ca_pem))
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(ca_pem), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "1",
+        "-extfile", str(ext), "-out", str(pem))
+    return ca_pem, pem, key
+
+
+def test_https_teacher_behind_a_private_ca(tmp_path):
+    import shutil
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    ca_pem, cert, key = _make_ca_and_server_cert(tmp_path)
+    server = FaultServer()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(cert), str(key))
+        tls = TLSServer(server, ctx)
+        with client(tls.url, max_retries=0, ca_bundle=str(ca_pem)) as c:
+            np.testing.assert_allclose(c.score(IDS, 5).log_probs, expected_lps(IDS, 5), atol=1e-6)
+        with client(tls.url, max_retries=0) as c:  # the system store does not know the private CA
+            with pytest.raises(TeacherUnavailable, match="(?i)certificate|ssl"):
+                c.score(IDS, 5)
+        with client(tls.url, max_retries=0, verify_tls=False) as c:
+            assert c.score(IDS, 5).attempts == 1
+        tls.close()
+    finally:
+        server.close()
+
+
+class TLSServer:
+    """An https front for a FaultServer's app: the same handlers on a second, TLS-wrapped site."""
+
+    def __init__(self, fault: FaultServer, ctx) -> None:
+        async def start():
+            site = web.TCPSite(fault._runner, "127.0.0.1", 0, ssl_context=ctx)
+            await site.start()
+            return site
+
+        self.site = asyncio.run_coroutine_threadsafe(start(), fault._loop).result(10)
+        self._loop = fault._loop
+        self.url = f"https://127.0.0.1:{self.site._server.sockets[0].getsockname()[1]}"
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.site.stop(), self._loop).result(10)
+
+
+def test_retry_after_as_seconds_or_http_date():
+    from slime_xvocab.teacher_client import _retry_after
+
+    assert _retry_after("2.5") == 2.5 and _retry_after("-1") == 0.0 and _retry_after(None) is None
+    assert _retry_after("Wed, 21 Oct 2026 07:28:10 GMT", now=1792567680.0) == pytest.approx(10.0)
+    assert _retry_after("soon") is None

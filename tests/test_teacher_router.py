@@ -117,3 +117,33 @@ def test_router_spreads_load_and_survives_a_worker_crash(model_dir):
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def test_router_takes_a_scalar_start_and_drops_input_logprob_temperature(model_dir):
+    """What the router's typed request allows: a batch only with one ``logprob_start_len`` (a list gets 422),
+    and no ``input_logprob_temperature`` (dropped, so the answer says T = 1 and the hooks warn)."""
+    from transformers import AutoModelForCausalLM
+
+    from slime_xvocab.errors import TeacherRequestRejected
+    from slime_xvocab.teacher_client import SyncTeacherClient
+
+    ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    same_start = [([3, 14, 15, 92, 65, 35], 3), ([8, 9, 7, 9, 3, 2, 3, 8], 3)]
+    with start_teacher_server(model_dir) as worker:
+        proc, router_url, _ = start_router([worker.url])
+        try:
+            with SyncTeacherClient(router_url, batch_size=2, max_retries=0, trust_env=False) as c:
+                for o, (ids, rs) in zip(c.score_many(same_start), same_start, strict=True):
+                    np.testing.assert_allclose(o.log_probs, token_log_probs(ref_model, ids)[rs:], atol=1e-5)
+                with pytest.raises(TeacherRequestRejected, match="422"):
+                    c.score_many([same_start[0], (same_start[1][0], 4)])
+            with SyncTeacherClient(router_url, temperature=2.0, trust_env=False) as c:
+                assert c.score(*same_start[0]).temperature == 1.0  # the router dropped the option
+            with SyncTeacherClient(worker.url, temperature=2.0, trust_env=False) as c:
+                assert c.score(*same_start[0]).temperature == 2.0  # the worker itself applies it
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()

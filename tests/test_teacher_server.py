@@ -8,6 +8,10 @@ several ``logprob_start_len`` values, top-k included, and for a compact-vocabula
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -183,6 +187,46 @@ def test_top_logprobs_match_transformers(server, ref_model):
         np.testing.assert_allclose([e[0] for e in entry], row[best], atol=1e-5)
 
 
+def temperature_log_probs(model, ids: list[int], temperature: float) -> np.ndarray:
+    """``log softmax(logits / T)`` of each next token (sglang#36213's ``input_logprob_temperature``)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float() / temperature
+    lp = torch.log_softmax(logits, dim=-1).numpy()
+    return lp[np.arange(len(ids) - 1), ids[1:]]
+
+
+def test_input_logprob_temperature_scales_scores_and_is_echoed(server, ref_model):
+    seqs, temps = [seq(14, 31), seq(9, 32)], [0.5, 2.0]
+    answers = post(server, scoring_body(seqs, 3, input_logprob_temperature=temps)).json()
+    for ids, t, a in zip(seqs, temps, answers, strict=True):
+        assert a["meta_info"]["input_logprob_temperature"] == t
+        got = [e[0] for e in a["meta_info"]["input_token_logprobs"][1:]]
+        np.testing.assert_allclose(got, temperature_log_probs(ref_model, ids, t)[3:], atol=1e-5)
+    one = post(server, scoring_body(seqs[0], 3)).json()["meta_info"]  # default: T = 1, echoed as such
+    assert one["input_logprob_temperature"] == 1.0
+    np.testing.assert_allclose([e[0] for e in one["input_token_logprobs"][1:]],
+                               token_log_probs(ref_model, seqs[0])[4:], atol=1e-5)
+    with SyncTeacherClient(server.url, temperature=2.0, trust_env=False) as c:
+        scores = c.score(seqs[1], 4)
+    assert scores.temperature == 2.0
+    np.testing.assert_allclose(scores.log_probs, temperature_log_probs(ref_model, seqs[1], 2.0)[3:], atol=1e-5)
+    bad = post(server, scoring_body(seqs[0], 3, input_logprob_temperature=0))
+    assert bad.status_code == 400 and "input_logprob_temperature" in bad.json()["error"]["message"]
+
+
+def test_server_without_input_logprob_temperature_ignores_it_like_old_sglang(tiny_model_dir):
+    from slime_xvocab.teacher_server import TeacherModel, build_answer, parse_generate_request
+
+    tm = TeacherModel(tiny_model_dir)
+    body = scoring_body(seq(10, 33), 2, input_logprob_temperature=3.0)
+    (legacy,), _, _ = parse_generate_request(body, tm, input_logprob_temperature=False)
+    (current,), _, _ = parse_generate_request(body, tm)
+    tm.score([legacy, current])
+    assert legacy.temperature == 1.0 and current.temperature == 3.0
+    assert "input_logprob_temperature" not in build_answer(legacy, 0.0, False, echo_temperature=False)["meta_info"]
+    assert not np.allclose(legacy.result["lps"], current.result["lps"])
+
+
 def test_client_against_server_batched_and_single(server, ref_model):
     items = [(seq(30, 20 + i), 1 + 5 * i) for i in range(5)]
     with SyncTeacherClient(server.url, batch_size=3, top_logprobs=2, trust_env=False) as c:
@@ -334,3 +378,31 @@ def test_cli_help_exits_cleanly(capsys):
         cli_main(["--help"])
     assert ei.value.code == 0
     assert "--max-batch-tokens" in capsys.readouterr().out
+
+
+def test_cli_missing_or_bad_model_dir_is_one_clear_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    cases = [
+        (str(tmp_path / "nope"), "no such directory"),
+        (str(tmp_path), "has no config.json"),
+    ]
+    for model, message in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "slime_xvocab.cli", "serve-teacher", "--model", model],
+            capture_output=True, text=True, env=env, timeout=120,
+        )
+        assert res.returncode == 2, res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
+
+
+def test_cli_version():
+    from slime_xvocab import __version__
+    from slime_xvocab.cli import main
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    res = subprocess.run(
+        [sys.executable, "-m", "slime_xvocab.cli", "--version"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert res.returncode == 0 and res.stdout.strip() == f"slime-xvocab {__version__}"
+    assert main(["-V"]) == 0

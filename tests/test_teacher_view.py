@@ -427,3 +427,21 @@ def test_generation_config_end_ids(tmp_path, toks):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, extra]}))
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     assert {1, extra} <= student_end_ids(tok, token_bytes(tok))
+
+
+@pytest.mark.parametrize("teacher", ["llama3_1", "gemma3"])
+def test_roles_the_teacher_template_does_not_handle_are_one_clear_error(builders, teacher):
+    b = builders[("qwen3", teacher)]
+    robot = [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}, {"role": "user", "content": "?"}]
+    with pytest.raises(SampleError, match=r"sample 3: messages\[1\] has role 'robot', which the teacher's chat"):
+        b.build(robot, [], sample_id=3)
+    with pytest.raises(SampleError, match=r"sample 4: the prompt has no 'user' message \(roles \['assistant'\]\)"):
+        b.build([{"role": "assistant", "content": "hello"}], [], sample_id=4)
+
+
+def test_template_roles_reads_the_roles_a_template_names():
+    from slime_xvocab.teacher_view import template_roles
+
+    template = "{% if message['role'] == 'ipython' %}x{% elif message.role == \"developer\" %}y{% endif %}"
+    assert template_roles(template) == {"system", "user", "assistant", "tool", "ipython", "developer"}
+    assert template_roles(None) == {"system", "user", "assistant", "tool"}

@@ -52,7 +52,8 @@ ROLLOUT_ARGS=(
    --rollout-batch-size 16
    --n-samples-per-prompt 4
    --rollout-max-response-len 8192
-   # SGLang scores teacher input tokens at temperature 1; the student must sample at 1 too.
+   # Stock SGLang scores teacher input tokens at temperature 1; the student samples at 1 too, and over the full
+   # vocabulary (--rollout-top-p 1, slime's default), as the teacher is scored.
    --rollout-temperature 1
 
    --global-batch-size 64
@@ -72,7 +73,7 @@ RM_ARGS=(
 )
 
 EVAL_ARGS=(
-   # Eval samples are never sent to the teacher: they get the task reward of --rm-type.
+   # Eval samples are never sent to the teacher: they get the eval dataset's rm_type, else --rm-type.
    # --eval-interval 20
    # --eval-prompt-data aime "${DATA_DIR}/aime-2024/aime-2024.jsonl"
    # --n-samples-per-eval-prompt 16
@@ -103,6 +104,9 @@ GRPO_ARGS=(
    --use-opd
    --opd-type sglang
    --opd-kl-coef 1.0
+   # The OPD delta uses the rollout log-probs, which the plugin puts at positions without a teacher value:
+   # their delta is then exactly 0 (without it, Megatron's recompute makes it the train/inference mismatch).
+   --use-rollout-logprobs
    --use-kl-loss
    --kl-loss-coef 0.00
    --kl-loss-type low_var_kl

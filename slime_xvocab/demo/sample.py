@@ -60,6 +60,26 @@ class Sample:
     session_id: str | None = None
     non_generation_time: float = 0.0
 
+    @dataclass
+    class SpecInfo:
+        """slime's speculative-decoding counters (summed over the sample's generate calls)."""
+
+        spec_accept_token_num: int = 0
+        spec_draft_token_num: int = 0
+        spec_verify_ct: int = 0
+        completion_token_num: int = 0
+
+    spec_info: SpecInfo = field(default_factory=SpecInfo)
+
+    @dataclass
+    class PrefixCacheInfo:
+        """slime's prefix-cache counters (cached and total prompt tokens)."""
+
+        cached_tokens: int = 0
+        total_prompt_tokens: int = 0
+
+    prefix_cache_info: PrefixCacheInfo = field(default_factory=PrefixCacheInfo)
+
     def get_reward_value(self, args: Any) -> Any:
         return self.reward if not args.reward_key else self.reward[args.reward_key]
 

@@ -1,0 +1,269 @@
+"""The reward hook's own per-sample CPU path, against the floor every correct method pays.
+
+    python benchmarks/bench_hooks_path.py            # about 2 minutes on 2 cores
+    python benchmarks/bench_hooks_path.py --quick    # one pair, fewer rounds
+
+What is timed is what ``slime_xvocab.hooks.reward_func`` runs per sample apart from the HTTP call, through the
+hooks' own runtime and default settings (``credit_mode: student_token``, top-20): ``hooks._build_view`` (teacher
+prompt from the cache a GRPO group shares, the response's bytes, the teacher's encode, the alignment, the
+end of turn), ``hooks._credit`` and the statistics. The teacher's answer is precomputed (the observed tokens
+plus 19 candidates drawn from the teacher's own token frequencies), so no network or model time is counted.
+
+Per pair, CPU time (``time.process_time``) per student token, best of ``--rounds`` interleaved rounds over a
+set of varied chat responses:
+
+* floor: the teacher's fast tokenizer encoding the same response texts (no offsets);
+* view: ``_build_view``; credit: ``_credit`` with the extension cache warm (cold: the first round);
+* stats: ``alignment.stats()`` + ``sample_stats``; whole: view + credit + stats.
+
+Then the scaling of the whole path from 1k to 64k tokens, byte-exact and with a normalising teacher (NFD
+text into a Qwen3 teacher), and the peak memory of one 64k-token sample (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tracemalloc
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from slime_standin import Sample, make_args, make_sample  # noqa: E402
+
+from slime_xvocab import hooks  # noqa: E402
+from slime_xvocab.assets import load_tokenizer, tokenizer_dir  # noqa: E402
+from slime_xvocab.metrics import sample_stats  # noqa: E402
+
+PAIRS = [("qwen3", "llama3_1"), ("llama3_1", "qwen3"), ("qwen3", "gemma3"), ("gemma3", "deepseek_v3")]
+RESPONSES = [
+    "The quick brown fox jumps over the lazy dog. It's 9:30, isn't it? Then they went home together.",
+    "def add(a, b):\n    if a:\n        return a + b  # sum\n    return b\n\nprint(add(2, 3))\n",
+    "In 2024 the team shipped 347 features; revenue grew 12.5% to $1,234,567 over the year.",
+    "Step 1: read the question. Step 2: compute 47 + 35 = 82. Step 3: answer with the number only: 82.",
+    "你好，世界。東京タワーに行きました。 Mixed text with émojis 🎉🤖 and accents: café, naïve.",
+    "Distillation moves knowledge from a teacher to a student; the student learns the teacher's choices, "
+    "token by token, on its own samples.",
+    "| a | b |\n|---|---|\n| 1 | 2 |\n\n- item one\n- item two\n  - nested **bold** and `code`\n",
+    "Sure! Here are three ideas:\n1. Go for a walk.\n2. Read a book.\n3. Call a friend. 😊",
+]
+
+
+def teacher_answer(rng, view, freq_ids, freq_p, k=20):
+    """Log-probs of the teacher's response ids and a top-k per position, like an SGLang answer."""
+    lps, top = [], []
+    for tok in view.input_ids[view.response_start:]:
+        cands = np.unique(np.append(rng.choice(freq_ids, size=k - 1, p=freq_p), tok))[:k]
+        p = rng.dirichlet(np.full(len(cands) + 1, 0.3))[: len(cands)] + 1e-9
+        top.append((cands.astype(np.int64), np.log(p).astype(np.float32)))
+        lps.append(np.log(p[cands == tok][0]))
+    return np.asarray(lps, dtype=np.float32), top
+
+
+class PairBench:
+    """The hooks' runtime for one pair and a set of samples with precomputed teacher answers."""
+
+    def __init__(self, student: str, teacher: str, texts: list[str], seed: int = 0) -> None:
+        self.args = make_args(
+            hf_checkpoint=str(tokenizer_dir(student)), xvocab_teacher_tokenizer=str(tokenizer_dir(teacher)),
+            xvocab_teacher_urls="http://127.0.0.1:9", xvocab_startup_probe=False,
+        )
+        try:
+            self.runtime = hooks._runtime(self.args)
+        except Exception:  # a branch without xvocab_startup_probe
+            delattr(self.args, "xvocab_startup_probe")
+            self.runtime = hooks._runtime(self.args)
+        s_tok, t_tok = load_tokenizer(student), load_tokenizer(teacher)
+        self.t_tok, self.texts = t_tok, texts
+        rng = np.random.default_rng(seed)
+        corpus = np.asarray(t_tok(" ".join(RESPONSES), add_special_tokens=False)["input_ids"])
+        freq_ids, counts = np.unique(corpus, return_counts=True)
+        end = s_tok.convert_tokens_to_ids(s_tok.eos_token) if s_tok.eos_token else None
+        end_ids = sorted(self.runtime.builder.student_end_ids) or ([end] if end is not None else [])
+        messages = [{"role": "user", "content": "Answer briefly."}]
+        prompt = s_tok.encode("Answer briefly.", add_special_tokens=False)
+        self.samples, self.answers = [], []
+        for i, text in enumerate(texts):
+            response = s_tok(text, add_special_tokens=False)["input_ids"] + end_ids[:1]
+            sample = make_sample(Sample, prompt_ids=prompt, response_ids=response,
+                                 rollout_log_probs=[-0.7] * len(response), metadata={"messages": messages},
+                                 index=i, group_index=0)
+            view = hooks._build_view(self.runtime, sample, len(response), str(i))
+            self.samples.append(sample)
+            self.answers.append(teacher_answer(rng, view, freq_ids, counts / counts.sum()))
+        self.tokens = sum(s.response_length for s in self.samples)
+
+    def floor(self) -> float:
+        t0 = time.process_time()
+        for text in self.texts:
+            self.t_tok(text, add_special_tokens=False)
+        return time.process_time() - t0
+
+    def stages(self) -> tuple[float, float, float]:
+        view_s = credit_s = stats_s = 0.0
+        for sample, (lps, top) in zip(self.samples, self.answers):
+            n = sample.response_length
+            t0 = time.process_time()
+            view = hooks._build_view(self.runtime, sample, n, "0")
+            t1 = time.process_time()
+            credit = hooks._credit(self.runtime, view, lps, top, np.full(n, -0.7))
+            t2 = time.process_time()
+            sample_stats(view.alignment.stats().as_dict(), signal_tokens=int(credit.scored.sum()),
+                         top_k_mass=credit.top_mass, clamped_tokens=credit.clamped)
+            t3 = time.process_time()
+            view_s, credit_s, stats_s = view_s + t1 - t0, credit_s + t2 - t1, stats_s + t3 - t2
+        return view_s, credit_s, stats_s
+
+
+def per_token(seconds: float, tokens: int) -> float:
+    return seconds / tokens * 1e6
+
+
+def pair_table(rounds: int, pairs) -> None:
+    print("## Per-sample path, CPU µs per student token (ratio to the floor)\n")
+    print("| pair | tokens | floor | view | credit cold | credit warm | stats | whole (warm) |")
+    print("|---|---|---|---|---|---|---|---|")
+    texts = RESPONSES * 4
+    for student, teacher in pairs:
+        hooks.reset()
+        bench = PairBench(student, teacher, texts)
+        _, cold, _ = bench.stages()
+        best = [np.inf] * 4
+        for _ in range(rounds):  # interleaved: every stage sees the same machine state
+            f = bench.floor()
+            v, c, s = bench.stages()
+            best = [min(a, b) for a, b in zip(best, (f, v, c, s))]
+        f, v, c, s = (per_token(x, bench.tokens) for x in best)
+        cold_t = per_token(cold, bench.tokens)
+        print(f"| {student} -> {teacher} | {bench.tokens} | {f:.2f} | {v:.2f} ({v / f:.1f}x) | {cold_t:.2f} "
+              f"| {c:.2f} ({c / f:.1f}x) | {s:.2f} | {v + c + s:.2f} ({(v + c + s) / f:.1f}x) |")
+
+
+def scaling_table(quick: bool) -> None:
+    print("\n## Scaling of the whole path (qwen3 / llama3_1 student), CPU µs per student token\n")
+    print("| input | 1k | 4k | 16k | 64k | 64k / 1k |")
+    print("|---|---|---|---|---|---|")
+    sizes = (1000, 4000, 16000) if quick else (1000, 4000, 16000, 64000)
+    cases = [("byte-exact, qwen3 -> llama3_1", "qwen3", "llama3_1", " ".join(RESPONSES[:4])),
+             ("NFD text, llama3_1 -> qwen3 (normalising teacher)", "llama3_1", "qwen3",
+              unicodedata.normalize("NFD", "Café naïve résumé déjà vu, the quick brown fox. "))]
+    for label, student, teacher, unit in cases:
+        hooks.reset()
+        row = []
+        for size in sizes:
+            s_tok = load_tokenizer(student)
+            reps = unit * (size // max(1, len(s_tok(unit, add_special_tokens=False)["input_ids"])) + 1)
+            ids = s_tok(reps, add_special_tokens=False)["input_ids"][:size]
+            text = s_tok.decode(ids)
+            bench = PairBench(student, teacher, [text])
+            bench.stages()  # warm
+            best = min(sum(bench.stages()) for _ in range(2))
+            row.append(per_token(best, bench.tokens))
+        cells = " | ".join(f"{x:.2f}" for x in row) + (" | -" if quick else "")
+        print(f"| {label} | {cells} | {row[-1] / row[0]:.2f}x |")
+
+
+def memory_line() -> None:
+    hooks.reset()
+    s_tok = load_tokenizer("qwen3")
+    ids = s_tok(" ".join(RESPONSES) * 200, add_special_tokens=False)["input_ids"][:64000]
+    bench = PairBench("qwen3", "llama3_1", [s_tok.decode(ids)])
+    tracemalloc.start()
+    bench.stages()
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"\nPeak Python/numpy memory of one 64k-token sample (view + credit + stats): {peak / 2**20:.1f} MiB")
+
+
+class _FrequencyTeacher:
+    """Answers any response with the observed tokens plus top-k drawn from token frequencies (no model)."""
+
+    def __init__(self, freq_ids, freq_p, seed: int = 0) -> None:
+        self.freq_ids, self.freq_p, self.rng = freq_ids, freq_p, np.random.default_rng(seed)
+
+    def score(self, response_ids, k=None):
+        class _View:
+            input_ids, response_start = list(response_ids), 0
+        lps, top = teacher_answer(self.rng, _View, self.freq_ids, self.freq_p, k or 20)
+        return lps.astype(np.float64), top
+
+
+def _serve_frequency_teacher(freq_ids, freq_p, urls, stop) -> None:
+    from oracle_teacher import OracleServer
+
+    with OracleServer(_FrequencyTeacher(freq_ids, freq_p)) as server:
+        urls.put(server.url)
+        stop.wait(600)
+
+
+def stall_line(n_samples: int = 64) -> None:
+    """Longest delay of a 1 ms heartbeat on the event loop while reward_func scores samples concurrently
+    (the teacher answers from another process, so only the hooks' own work shares this process)."""
+    import asyncio
+    import multiprocessing as mp
+
+    hooks.reset()
+    t_tok = load_tokenizer("llama3_1")
+    corpus = np.asarray(t_tok(" ".join(RESPONSES), add_special_tokens=False)["input_ids"])
+    freq_ids, counts = np.unique(corpus, return_counts=True)
+    ctx = mp.get_context("fork")
+    urls, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve_frequency_teacher, args=(freq_ids, counts / counts.sum(), urls, stop))
+    server.start()
+    try:
+        url = urls.get(timeout=60)
+        bench = PairBench("qwen3", "llama3_1", (RESPONSES * 40)[:n_samples])
+        args = bench.args
+        args.xvocab_teacher_urls = url
+        hooks.reset()
+
+        async def run() -> float:
+            runtime = await asyncio.to_thread(hooks._runtime, args)  # start-up is not the steady state
+            await hooks.reward_func(args, bench.samples[0])
+            worst, done = 0.0, False
+
+            async def heartbeat() -> None:
+                nonlocal worst
+                loop = asyncio.get_running_loop()
+                while not done:
+                    t0 = loop.time()
+                    await asyncio.sleep(0.001)
+                    worst = max(worst, loop.time() - t0 - 0.001)
+
+            beat = asyncio.create_task(heartbeat())
+            await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
+            done = True
+            await beat
+            await runtime.client.aclose()
+            return worst
+
+        worst = asyncio.run(run())
+        failed = sum(s.metadata["xvocab"]["failed"] for s in bench.samples)
+    finally:
+        stop.set()
+        server.join(10)
+        if server.is_alive():
+            server.kill()
+    print(f"\nLongest event-loop stall while {n_samples} samples were scored concurrently through reward_func "
+          f"(teacher in another process, no model): {worst * 1e3:.1f} ms ({failed} fallbacks)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    pair_table(2 if args.quick else args.rounds, PAIRS[:1] if args.quick else PAIRS)
+    scaling_table(args.quick)
+    if not args.quick:
+        memory_line()
+    stall_line(16 if args.quick else 64)
+
+
+if __name__ == "__main__":
+    main()
