@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .credit import CHUNK_SPLITS, CREDIT_MODES, DEFAULT_TOP_K
+from .dense import DEFAULT_DENSE_TOP_K, DIVERGENCES
 from .errors import ConfigError
 from .teacher_view import PROMPT_FORMATS, SYSTEM_PROMPT_POLICIES
 from .urls import check_url, has_credentials, is_loopback, redact_url
@@ -136,6 +137,34 @@ class XVocabConfig:
         "about 22 bytes per candidate and position. rollout/xvocab/top_k_mass reports the mass it covered.",
         "int",
         minimum=1,
+    )
+    dense: bool = _opt(
+        False,
+        "Dense distillation: also keep, per response position, the teacher's distribution over the student's "
+        "next token (its top-k projected onto the student's vocabulary, plus a tail bucket) and send it to the "
+        "training side for `slime_xvocab.dense_loss.dense_distill_loss`. Needs the runtime extension of "
+        "`slime_xvocab.dense_transport` (docs/dense.md).",
+        "bool",
+    )
+    dense_top_k: int = _opt(
+        DEFAULT_DENSE_TOP_K,
+        "Student tokens kept per position in the dense targets; the rest of the projected mass joins the tail "
+        "bucket. At most xvocab_top_k are ever listed (the teacher's own top-k).",
+        "int",
+        minimum=1,
+    )
+    dense_coef: float = _opt(
+        1.0,
+        "Weight of the dense divergence added to slime's policy loss.",
+        "float",
+        minimum=0.0,
+    )
+    dense_divergence: str = _opt(
+        "reverse_kl",
+        "Divergence between the student's and the teacher's next-token distributions over the listed tokens "
+        "plus the tail: `reverse_kl` (KL(student || teacher), mode-seeking), `forward_kl` or `jsd`.",
+        "choice",
+        choices=DIVERGENCES,
     )
     prompt_format: str = _opt(
         "chat",
@@ -538,7 +567,7 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
                 f"({rm_url}) is also the teacher URL (xvocab_teacher_urls defaults to --rm-url): set "
                 "xvocab_teacher_urls to the teacher server and keep --rm-url for the reward server"
             )
-    if getattr(args, "use_opd", None) is False:
+    if getattr(args, "use_opd", None) is False and not values.get("dense"):
         problems.append(
             "slime's --use-opd is not set, so teacher_log_probs would be computed and then ignored. Add "
             "`--use-opd --opd-type sglang --opd-kl-coef 1.0` to the slime command line"

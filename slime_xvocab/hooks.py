@@ -40,6 +40,7 @@ What a sample carries afterwards (plain Python values, so samples pickle across 
     sample.teacher_log_probs            torch.float32 [response_length] (a list if torch is missing)
     sample.metadata["xvocab"] = {"stats": {...}, "failed": bool, "error": str | None,
                                  "evaluation": bool, "rollout_id": int | None}
+    sample.metadata["xvocab_dense"]     dense.DenseTargets, with xvocab_dense (docs/dense.md)
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class _Runtime:
     failures_logged: int = 0
     temperature_checked: bool = False
     probe: Any = None  # (event loop, asyncio.Task) of the start-up probe, once per runtime
+    dense: Any = None  # (dense.StudentProjection, credit.StudentExtensions) with xvocab_dense (cross-vocabulary)
 
 
 _LOCK = threading.Lock()
@@ -233,6 +235,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
     student_tok = _load_tokenizer(config.student_tokenizer, config, "student")
     teacher_tok = _load_tokenizer(config.teacher_tokenizer, config, "teacher")
     student_token = config.credit_mode == "student_token"
+    wants_top = student_token or config.dense
     builder = TeacherViewBuilder(
         student_tok,
         teacher_tok,
@@ -242,10 +245,16 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         end_of_turn=config.end_of_turn,
         student_end_of_turn=_student_end_ids(student_tok, config.student_end_of_turn),
         max_teacher_tokens=config.max_teacher_tokens,
-        probe_next=student_token,
+        probe_next=wants_top,
     )
     student_token = student_token and not builder.same_tokenizer
     extensions = student_extensions(student_tok, builder.student_table) if student_token else None
+    dense = None
+    if config.dense and not builder.same_tokenizer:
+        from .dense import student_projection
+
+        dense = (student_projection(student_tok, builder.student_table),
+                 student_extensions(student_tok, builder.student_table))
     client = TeacherClient(
         list(config.teacher_urls),
         api_key=config.api_key,
@@ -256,7 +265,7 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         verify_tls=config.verify_tls,
         max_concurrency=config.max_concurrency,
         max_input_tokens=config.max_teacher_tokens,
-        top_logprobs=config.top_k if student_token else 0,
+        top_logprobs=config.top_k if student_token or config.dense else 0,
         temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
     )
     inner_args = None
@@ -271,7 +280,11 @@ def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
         "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
         ", ".join(redact_url(u) for u in client.urls),
     )
-    return _Runtime(config, builder, client, inner_args, extensions)
+    if config.dense:
+        from .dense_transport import check_rollout_side
+
+        check_rollout_side(args)
+    return _Runtime(config, builder, client, inner_args, extensions, dense=dense)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -463,6 +476,10 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
     n = int(sample.response_length)
     if n == 0:
         sample.teacher_log_probs = _to_tensor(np.zeros(0))
+        if config.dense:
+            from .dense_transport import set_sample_targets
+
+            set_sample_targets(sample, _no_dense_targets(config, 0))
         _update_meta(
             sample,
             stats=sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict()),
@@ -485,6 +502,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             teacher, top = np.zeros(0, dtype=np.float32), None
         credit = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
         values, scored = credit.values, credit.scored
+        dense = await asyncio.to_thread(_dense_targets, runtime, view, teacher, top, n) if config.dense else None
         if not np.isfinite(values).all():
             k = int(np.flatnonzero(~np.isfinite(values))[0])
             raise NonFiniteCreditError(
@@ -497,6 +515,7 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
             signal_tokens=int(scored.sum()),
             top_k_mass=credit.top_mass,
             clamped_tokens=credit.clamped,
+            dense=dense.stats() if dense is not None else None,
             latency_s=latency,
             attempts=attempts,
             eot_mapped=view.eot_mapped,
@@ -525,12 +544,14 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
         # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
         values = student if student is not None else np.zeros(n)
         scored = np.zeros(n, dtype=bool)
+        dense = _no_dense_targets(config, n)
         stats = sample_stats(
             Alignment.unaligned(n, reason).stats().as_dict(),
             failed=True,
             latency_s=getattr(exc, "latency_s", 0.0),
             attempts=getattr(exc, "attempts", 0),
             failure=failure_reason(exc),
+            dense=dense.stats() if dense is not None else None,
         )
         error = f"{type(exc).__name__}: {redact_text(str(exc), (config.api_key,))}"
         runtime.failures_logged += 1
@@ -545,6 +566,10 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
     sample.teacher_log_probs = _to_tensor(values)
     if config.unscored == "mask":
         _mask_unscored(sample, scored)
+    if dense is not None:
+        from .dense_transport import set_sample_targets
+
+        set_sample_targets(sample, dense)
     _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
 
 
@@ -589,6 +614,37 @@ def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, stude
                            split=config.chunk_split)
     scored = view.alignment.one_to_one() if exact else view.alignment.student_chunk >= 0
     return CreditResult(values, scored)
+
+
+def _dense_targets(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, n: int) -> Any:
+    """``xvocab_dense``: the sample's :class:`~slime_xvocab.dense.DenseTargets` (checked: finite, right shape)."""
+    from .dense import dense_targets, identity_dense_targets
+
+    config = runtime.config
+    if runtime.dense is None or view.source is None:  # one tokenizer: the teacher's top-k are student ids
+        targets = identity_dense_targets(top, n, top_k=config.dense_top_k, scored=view.alignment.num_chunks)
+    else:
+        projection, extensions = runtime.dense
+        builder = runtime.builder
+        end_ids = sorted(builder.student_end_ids)
+        targets = dense_targets(
+            view.source, teacher, top, projection, extensions, builder.teacher_table, top_k=config.dense_top_k,
+            teacher_end_ids=builder.teacher_eot_ids, student_end_id=end_ids[0] if end_ids else None,
+        )
+    try:
+        targets.check(n)
+    except ValueError as exc:
+        raise NonFiniteCreditError(f"dense targets: {exc}") from exc
+    return targets
+
+
+def _no_dense_targets(config: XVocabConfig, n: int) -> Any:
+    """``xvocab_dense``: targets of a sample that could not be scored (no target anywhere), else None."""
+    if not config.dense:
+        return None
+    from .dense import DenseTargets
+
+    return DenseTargets.empty(n, config.dense_top_k)
 
 
 def _load_function(path: str) -> Any:
@@ -791,9 +847,17 @@ def post_process_rewards(args: Any, samples: list) -> tuple[list[float], list[fl
         s.teacher_log_probs = _to_tensor(values)
         if config.unscored == "mask":
             _mask_unscored(s, np.zeros(n, dtype=bool))
+        if config.dense:
+            from .dense_transport import set_sample_targets
+
+            set_sample_targets(s, _no_dense_targets(config, n))
         _update_meta(s, failed=True, error=why)
         fallbacks.append((s, why))
 
+    if config.dense:  # slime converts these samples to train data next, in this order
+        from .dense_transport import collect
+
+        collect(flat)
     metrics = compute_post_process_metrics(len(flat), len(fallbacks))
     _log_metrics(args, _rollout_id(flat), metrics, what="post-process")
     if flat and metrics["failed_fraction"] > config.max_failed_fraction:

@@ -34,6 +34,7 @@ from .errors import (
 )
 
 __all__ = [
+    "DENSE_METRICS",
     "METRICS",
     "FAILURE_REASONS",
     "ATTEMPT_FAILURE_KINDS",
@@ -57,6 +58,8 @@ FAILURE_REASONS: tuple[tuple[type, str], ...] = (
 #: Kinds of failed HTTP attempts the teacher client counts (``teacher_attempt_failures/<kind>``).
 ATTEMPT_FAILURE_KINDS = ("timeout", "connection", "5xx", "4xx", "bad_response")
 
+#: Keys only reported when ``xvocab_dense`` is on.
+DENSE_METRICS = ("dense_valid_fraction", "dense_listed_mass", "dense_tail_mass")
 #: Every key :func:`compute_rollout_metrics` / :func:`compute_post_process_metrics` can return, with its
 #: meaning. ``unaligned/<reason>`` stands for one key per :class:`~slime_xvocab.alignment.Unaligned` reason.
 METRICS: dict[str, str] = {
@@ -93,6 +96,11 @@ METRICS: dict[str, str] = {
     "timeout, connection, 5xx, 4xx, bad_response (those of samples that finally failed included)",
     "teacher_requests": "HTTP /generate requests sent since the previous rollout log (retries included)",
     "fallback_samples": "samples given the student's own log-probs (delta 0): they could not be scored",
+    "dense_valid_fraction": "xvocab_dense: share of student response tokens with a dense target (token-weighted)",
+    "dense_listed_mass": "xvocab_dense: mean teacher probability the listed student tokens hold per target "
+    "position (the top-k mass covered after projection and the xvocab_dense_top_k cut)",
+    "dense_tail_mass": "xvocab_dense: mean teacher probability in the tail bucket per target position "
+    "(1 - dense_listed_mass): raise xvocab_top_k / xvocab_dense_top_k when it is high",
     "failed_fraction": "fallback_samples / samples; training stops above xvocab_max_failed_fraction",
 }
 
@@ -109,6 +117,7 @@ def sample_stats(
     signal_tokens: int | None = None,
     top_k_mass: float = 1.0,
     clamped_tokens: int = 0,
+    dense: Mapping[str, float] | None = None,
     failure: str | None = None,
 ) -> dict[str, float]:
     """Flatten one sample's numbers into the dict kept on the sample (plain floats: pickles anywhere).
@@ -125,6 +134,8 @@ def sample_stats(
             covered tokens, as in chunk mode; exact mode passes the 1:1 tokens).
         top_k_mass: mean mass the teacher's top-k covered per position (1.0 without top-k).
         clamped_tokens: student_token values clamped to 0.
+        dense: :meth:`DenseTargets.stats <slime_xvocab.dense.DenseTargets.stats>` of the sample (xvocab_dense),
+            kept as ``dense_<key>``.
         failure: why a failed sample failed (:func:`failure_reason`); kept as ``failed/<reason>`` = 1.0.
 
     Returns:
@@ -141,6 +152,7 @@ def sample_stats(
         top_k_mass=float(top_k_mass),
         clamped_tokens=float(clamped_tokens),
     )
+    out.update({f"dense_{k}": float(v) for k, v in (dense or {}).items()})
     covered = out.get("student_tokens", 0.0) - out.get("unaligned_tokens", 0.0)
     out["signal_tokens"] = float(covered if signal_tokens is None else signal_tokens)
     if failure:
@@ -216,6 +228,12 @@ def compute_rollout_metrics(
     out["clamped_tokens"] = float(col("clamped_tokens").sum())
     for key in sorted({k for s in per_sample_stats for k in s if k.startswith("failed/")}):
         out["failures/" + key[len("failed/") :]] = float(col(key).sum())
+    if any("dense_positions" in s for s in per_sample_stats):
+        positions, valid = col("dense_positions").sum(), col("dense_valid").sum()
+        tail = float(col("dense_tail_sum").sum() / valid) if valid else 1.0
+        out["dense_valid_fraction"] = float(valid / positions) if positions else 0.0
+        out["dense_tail_mass"] = tail
+        out["dense_listed_mass"] = 1.0 - tail
     return out
 
 

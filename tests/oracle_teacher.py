@@ -134,3 +134,19 @@ class OracleServer:
                 [[float(lp), int(t), None] for t, lp in zip(t_ids, t_lps)] for t_ids, t_lps in top
             ]
         return web.json_response({"text": "", "output_ids": [], "meta_info": meta})
+
+
+def oracle_next_distribution(student_tokenizer, responses: dict[str, float], text: str, j: int,
+                             eot_id: int) -> dict[int, float]:
+    """The teacher's distribution over the student's token ``j`` given the student's first ``j`` tokens of
+    ``text``, by brute force: ``P(S(w)[j] = t | S(w)[:j] = s[:j])`` over the responses ``w`` in the student's
+    canonical tokens ``S``; ``eot_id`` where ``w`` ends after exactly ``j`` tokens."""
+    total = sum(responses.values())
+    s = tuple(canonical_ids(student_tokenizer, text))
+    mass: dict[int, float] = defaultdict(float)
+    for w, p in responses.items():
+        ids = tuple(canonical_ids(student_tokenizer, w))
+        if ids[:j] == s[:j] and len(ids) >= j:
+            mass[ids[j] if len(ids) > j else eot_id] += p / total
+    z = sum(mass.values())
+    return {t: p / z for t, p in mass.items()} if z else {}

@@ -265,3 +265,14 @@ def test_retry_budget_and_the_max_retries_cap():
     assert config.retry_budget_s == 5.0 and config.max_retries == 2
     with pytest.raises(ConfigError, match="xvocab_retry_budget_s = -1: must be >= 0"):
         build(xvocab_retry_budget_s=-1)
+
+
+def test_dense_distillation_does_not_need_slimes_opd_flag():
+    """With xvocab_dense the signal is the dense loss; slime's --use-opd (sampled-token OPD) is optional."""
+    args = make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t", xvocab_teacher_urls="http://t:1",
+                     use_opd=False, xvocab_dense=True, xvocab_dense_divergence="jsd")
+    config = XVocabConfig.from_args(args, environ={}, warn=False)
+    assert config.dense and config.dense_divergence == "jsd" and config.dense_top_k == 20
+    with pytest.raises(ConfigError, match="use-opd"):
+        XVocabConfig.from_args(make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t",
+                                         xvocab_teacher_urls="http://t:1", use_opd=False), environ={})

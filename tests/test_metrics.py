@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from slime_xvocab.alignment import Alignment, Unaligned, align_spans
-from slime_xvocab.metrics import METRICS, compute_post_process_metrics, compute_rollout_metrics, sample_stats
+from slime_xvocab.metrics import (
+    DENSE_METRICS,
+    METRICS,
+    compute_post_process_metrics,
+    compute_rollout_metrics,
+    sample_stats,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +68,8 @@ def test_every_key_is_documented_and_flat_floats():
         assert isinstance(value, float)
         patterns = [k.split("<")[0] for k in METRICS if "<" in k]
         assert key in METRICS or any(key.startswith(p) for p in patterns), key
-    assert {k for k in METRICS if "<" not in k} <= set(m)
+    assert {k for k in METRICS if "<" not in k} - set(DENSE_METRICS) <= set(m)
+    assert not set(DENSE_METRICS) & set(m)  # dense keys only when xvocab_dense is on
     reasons = METRICS["unaligned/<reason>"]
     for reason in Unaligned:
         if reason:
@@ -73,6 +80,17 @@ def test_metrics_doc_lists_every_key():
     doc = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"`rollout/xvocab/([\w/<>]+)`", doc))
     assert set(METRICS) <= documented, set(METRICS) - documented
+
+
+def test_dense_metrics_weigh_positions_and_target_positions():
+    a = align_spans(np.array([[0, 1], [1, 2]]), np.array([[0, 2]]))
+    one = stats_of(a, dense={"positions": 4, "valid": 3, "tail_sum": 0.3, "ids_sum": 9})
+    two = stats_of(a, dense={"positions": 6, "valid": 1, "tail_sum": 0.5, "ids_sum": 2})
+    m = compute_rollout_metrics([one, two])
+    assert set(DENSE_METRICS) <= set(m) <= set(METRICS) | {"unaligned/teacher_context"}
+    assert m["dense_valid_fraction"] == pytest.approx(4 / 10)
+    assert m["dense_tail_mass"] == pytest.approx(0.8 / 4)
+    assert m["dense_listed_mass"] == pytest.approx(1 - 0.8 / 4)
 
 
 def test_failures_by_reason_and_retries_of_failed_samples_count():
