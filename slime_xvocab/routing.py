@@ -19,7 +19,7 @@ Example:
     >>> import numpy as np
     >>> v, ok = mix_log_probs([np.log([0.5, 0.2]), np.log([0.1, 0.4])], [np.array([True, True])] * 2,
     ...                       [0.75, 0.25], np.zeros(2))
-    >>> np.exp(v).round(3).tolist(), ok.tolist()
+    >>> [round(float(x), 3) for x in np.exp(v)], ok.tolist()
     ([0.4, 0.25], [True, True])
 """
 
