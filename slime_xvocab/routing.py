@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from .teacher_view import get_path
+
 __all__ = ["Route", "normalise_route", "route_of", "mix_log_probs"]
 
 Route = tuple[tuple[str, float], ...]
@@ -76,7 +78,8 @@ def route_of(
 
     Args:
         metadata: ``sample.metadata`` (None counts as empty).
-        route_key: the metadata field that names the route (``xvocab_teacher_route_key``), or None.
+        route_key: the metadata field that names the route (``xvocab_teacher_route_key``; a dotted path
+            ``a.b`` reads a nested value, as ``xvocab_messages_key`` does), or None.
         routes: route of each field value (compared as strings, so YAML's ``1`` and ``"1"`` agree).
         default: the route of samples whose value is missing or has no route.
 
@@ -86,7 +89,7 @@ def route_of(
     """
     if not route_key:
         return default, True
-    value = (metadata or {}).get(route_key)
+    value = get_path(metadata or {}, route_key)
     route = routes.get(str(value)) if value is not None else None
     return (default, False) if route is None else (route, True)
 

@@ -41,6 +41,7 @@ def test_route_of_a_sample():
     assert route_of({"source": "poetry"}, "source", routes, default) == (default, False)
     assert route_of({}, "source", routes, default) == (default, False)
     assert route_of(None, "source", routes, default) == (default, False)
+    assert route_of({"info": {"source": "gsm8k"}}, "info.source", routes, default) == ((("math", 1.0),), True)
     assert route_of({"source": "gsm8k"}, None, routes, default) == (default, True)  # no route key: all default
 
 
