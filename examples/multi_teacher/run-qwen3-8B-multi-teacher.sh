@@ -1,7 +1,7 @@
 #!/bin/bash
 # Multi-teacher cross-vocabulary on-policy distillation on one 8-GPU node, three teachers, three tokenizers:
 #   GPUs 0-5  slime, colocated: Qwen3-8B student rollouts (SGLang) and training (Megatron)
-#   GPU  6    teacher "math": DeepSeek-R1-Distill-Llama-8B (Llama-3 tokenizer) on SGLang, port 30001
+#   GPU  6    teacher "math": Llama-3.1-8B-Instruct or a math fine-tune of it (Llama-3 tokenizer) on SGLang, port 30001
 #   GPU  7    teacher "chat": gemma-3-12b-it (Gemma-3 tokenizer) on SGLang, port 30002
 #   remote    teacher "code": a DeepSeek-V3 endpoint served elsewhere, behind an API key
 # Each sample's metadata["source"] picks its teacher (xvocab.yaml; docs/multi-teacher.md).
@@ -25,7 +25,7 @@ DATA_DIR="${DATA_DIR:-/root}"
 SLIME_GPUS="0,1,2,3,4,5"
 MATH_GPU=6; MATH_PORT=30001   # must match the "math" entry of xvocab.yaml
 CHAT_GPU=7; CHAT_PORT=30002   # must match the "chat" entry of xvocab.yaml
-MATH_MODEL="${MODELS_DIR}/DeepSeek-R1-Distill-Llama-8B"
+MATH_MODEL="${MODELS_DIR}/Llama-3.1-8B-Instruct"   # or a math fine-tune of it
 CHAT_MODEL="${MODELS_DIR}/gemma-3-12b-it"
 CODE_TOKENIZER="${MODELS_DIR}/DeepSeek-V3-tokenizer"   # a local copy of the remote model's tokenizer
 PID_FILES=("$(mktemp /tmp/xvocab-teacher-math.XXXXXX)" "$(mktemp /tmp/xvocab-teacher-chat.XXXXXX)")
