@@ -38,7 +38,15 @@ What a sample carries afterwards (plain Python values, so samples pickle across 
 
     sample.teacher_log_probs            torch.float32 [response_length] (a list if torch is missing)
     sample.metadata["xvocab"] = {"stats": {...}, "failed": bool, "error": str | None,
-                                 "evaluation": bool, "rollout_id": int | None}
+                                 "evaluation": bool, "rollout_id": int | None,
+                                 "route": [teacher names], "teachers": {name: {...stats}}}
+
+Several teachers (``xvocab_teachers``, docs/multi-teacher.md): each has its own view builder (its tokenizer,
+template and context limit; the student tokenizer is shared) and its own client (concurrency, retries,
+counters). A sample's route (``xvocab_teacher_route_key`` / ``xvocab_teacher_routes``) names one teacher or
+several with weights; several are scored concurrently and mixed per token (:mod:`slime_xvocab.routing`). A
+teacher that fails is charged to that teacher; the sample falls back only when every teacher of its route
+failed. The single-teacher keys are the one teacher ``default``.
 """
 
 from __future__ import annotations
@@ -660,15 +668,14 @@ def _set_scores(
     for s in scored:
         if s.credit is None:
             _log_failure(runtime, sample, s, fallback=not ok)
-    if len(ok) == 1:  # one teacher (or one answered): its values as they are
-        values, mask = ok[0].credit.values, ok[0].credit.scored
-        stats, error = dict(ok[0].stats), None
-    elif ok:
-        values, mask = mix_log_probs(
-            [s.credit.values for s in ok], [s.credit.scored for s in ok], [s.weight for s in ok], student
-        )
-        stats = _mixed_stats(ok, int(mask.sum()))
-        error = None
+    if ok:
+        if len(ok) == 1:  # one teacher (or only one answered): its values as they are
+            values, mask = ok[0].credit.values, ok[0].credit.scored
+        else:
+            values, mask = mix_log_probs(
+                [s.credit.values for s in ok], [s.credit.scored for s in ok], [s.weight for s in ok], student
+            )
+        stats, error = _overall_stats(ok, scored, int(mask.sum())), None
     else:  # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
         values = student if student is not None else np.zeros(n)
         mask = np.zeros(n, dtype=bool)
@@ -681,16 +688,16 @@ def _set_scores(
                  route=[s.name for s in scored], teachers=per_teacher)
 
 
-def _mixed_stats(ok: list[_Scored], signal_tokens: int) -> dict:
-    """A sample's overall stats: the heaviest answering teacher's alignment numbers, the mixture's signal
-    tokens, the slowest teacher's latency and every teacher's retries."""
-    if len(ok) == 1:
-        return dict(ok[0].stats)
+def _overall_stats(ok: list[_Scored], scored: list[_Scored], signal_tokens: int) -> dict:
+    """A sample's overall stats. One teacher: its own. Several: the heaviest answering teacher's alignment
+    numbers, the mixture's signal tokens, the slowest answering teacher's latency, every teacher's retries."""
     stats = dict(max(ok, key=lambda s: s.weight).stats)
+    if len(scored) == 1:
+        return stats
     stats["signal_tokens"] = float(signal_tokens)
     stats["latency_s"] = max(s.stats["latency_s"] for s in ok)
-    retries = sum(max(s.stats["attempts"] - 1.0, 0.0) for s in ok)
-    stats["attempts"] = 1.0 + retries if any(s.stats["attempts"] for s in ok) else 0.0
+    retries = sum(max(s.stats["attempts"] - 1.0, 0.0) for s in scored)
+    stats["attempts"] = 1.0 + retries if any(s.stats["attempts"] for s in scored) else 0.0
     return stats
 
 
