@@ -356,3 +356,17 @@ def test_a_teacher_api_key_is_never_echoed_and_the_top_level_key_is_not_inherite
     config = multi(environ={"CHAT_KEY": "sk-chat-123", "XVOCAB_API_KEY": "sk-top"})
     assert [t.api_key for t in config.teachers] == [None, "sk-chat-123"]
     assert any("listed teachers never get the top-level key" in str(w.message) for w in recwarn)
+
+
+def test_teacher_flags_of_the_train_entry_point():
+    parser = add_xvocab_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(
+        ["--xvocab-teachers", json.dumps(TEACHERS[:1]), "--xvocab-teacher-route-key", "source",
+         "--xvocab-teacher-routes", '{"gsm8k": "math"}', "--xvocab-default-teacher", "math"]
+    )
+    config = XVocabConfig.from_args(make_args(hf_checkpoint="/models/student", **vars(ns)), environ={})
+    assert config.teachers[0].name == "math" and config.default_teacher == (("math", 1.0),)
+    ns = parser.parse_args(["--xvocab-default-teacher", '{"math": 1}'])
+    assert ns.xvocab_default_teacher == {"math": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--xvocab-teachers", '{"name": "math"}'])  # a list, not one object
