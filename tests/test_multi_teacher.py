@@ -269,3 +269,25 @@ def test_each_teacher_has_its_own_view_builder_and_client(servers):
     assert runtime.teachers["gemma"].client.max_concurrency == 3
     assert runtime.teachers["llama"].extensions is runtime.teachers["gemma"].extensions  # built once
     assert hooks.teacher_view_builder(args) is llama
+
+
+def test_a_teacher_without_a_value_at_a_position_abstains_there(servers):
+    """Gemma's context ends inside the response: past its cut the mixture is Llama's value exactly, before it
+    the 3:1 mixture of both; the scored positions come back as loss_mask with ``xvocab_unscored: mask``."""
+    qwen, gemma_tok = load_tokenizer("qwen3"), load_tokenizer("gemma3")
+    probe = sample_of(" them all", True, None, 0)
+    n = probe.response_length
+    full = TeacherViewBuilder(qwen, gemma_tok).build(probe.metadata["messages"], list(probe.tokens[-n:]))
+    limit = len(full.input_ids) - 2  # the last teacher tokens do not fit
+    args = margs(servers["llama"].url, servers["gemma"].url, {"max_teacher_tokens": limit}, xvocab_unscored="mask")
+    samples = [sample_of(" them all", True, source, i) for i, source in enumerate(["math", "chat", "mix"])]
+    score_all(args, samples)
+    llama_s, gemma_s, mix_s = samples
+    assert not any(s.metadata["xvocab"]["failed"] for s in samples)
+    gemma_scored = np.array(gemma_s.loss_mask, dtype=bool)
+    assert gemma_scored.any() and not gemma_scored.all()
+    assert all(llama_s.loss_mask) and all(mix_s.loss_mask)  # the mixture scores where any teacher did
+    lv, gv = values_of(llama_s), values_of(gemma_s)
+    want = np.where(gemma_scored, np.log(0.75 * np.exp(lv) + 0.25 * np.exp(gv)), lv)
+    np.testing.assert_allclose(values_of(mix_s), want, atol=1e-6)
+    assert gemma_s.metadata["xvocab"]["stats"]["unaligned/teacher_context"] > 0
