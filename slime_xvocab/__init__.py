@@ -44,6 +44,8 @@ _EXPORTS = {
     "SyncTeacherClient": "teacher_client",
     "TeacherScores": "teacher_client",
     "XVocabConfig": "config",
+    "TeacherConfig": "config",
+    "mix_log_probs": "routing",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1076,7 +1076,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"family name for convenience: {fams}"
     )
     p.add_argument("--student", required=True, metavar="TOK_OR_MODEL_DIR", help="student tokenizer: " + tok_help)
-    p.add_argument("--teacher", required=True, metavar="TOK_OR_MODEL_DIR", help="teacher tokenizer: " + tok_help)
+    p.add_argument(
+        "--teacher",
+        required=True,
+        action="append",
+        metavar="TOK_OR_MODEL_DIR",
+        help="teacher tokenizer: " + tok_help + ". Repeat it for several teachers: each student/teacher pair is "
+        "checked and printed in turn (template options apply to every teacher)",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -1111,8 +1118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--teacher-url",
         default=None,
+        action="append",
         help="probe a live SGLang teacher (or slime-xvocab "
-        "serve-teacher) at this base URL, e.g. http://127.0.0.1:30000",
+        "serve-teacher) at this base URL, e.g. http://127.0.0.1:30000; with several --teacher, one per teacher "
+        "in the same order",
     )
     p.add_argument(
         "--api-key",
@@ -1400,22 +1409,53 @@ def cli_main(argv: list[str]) -> int:
     )
     out = sys.stdout
     try:
+        pairs = split_teachers(args)
         # Whatever a library prints while we work must not corrupt the JSON on stdout.
         with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-            report, segments = run_check(args)
+            results = [run_check(one) for one in pairs]
     except (InputError, ConfigError, SampleError) as e:
         print(f"slime-xvocab check: error: {e}", file=sys.stderr)
         if args.json:
             print(json.dumps({"error": str(e), "exit_code": 2}), file=out)
         return 2
+    exit_code = max(int(report["exit_code"]) for report, _ in results)
     if args.json:
-        print(json.dumps(report, default=_json_default, ensure_ascii=False), file=out)
+        if len(results) == 1:
+            body: dict[str, Any] = results[0][0]
+        else:
+            reports = {one.teacher: report for one, (report, _) in zip(pairs, results)}
+            body = {"teachers": reports, "exit_code": exit_code}
+        print(json.dumps(body, default=_json_default, ensure_ascii=False), file=out)
     else:
         from rich.console import Console
 
         console = Console(file=out, width=None if out.isatty() or "COLUMNS" in os.environ else 120, highlight=False)
-        print_report(report, segments, console)
-    return int(report["exit_code"])
+        for one, (report, segments) in zip(pairs, results):
+            if len(results) > 1:
+                console.rule(f"student {one.student}  <-  teacher {one.teacher}")
+            print_report(report, segments, console)
+    return exit_code
+
+
+def split_teachers(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """One namespace per ``--teacher`` (with its ``--teacher-url``), for :func:`run_check`.
+
+    Raises:
+        InputError: ``--teacher-url`` given, but not once per ``--teacher``.
+    """
+    teachers = args.teacher if isinstance(args.teacher, list) else [args.teacher]
+    urls = args.teacher_url if isinstance(args.teacher_url, list) else [args.teacher_url]
+    urls = [u for u in urls if u is not None]
+    if urls and len(urls) != len(teachers):
+        raise InputError(
+            f"{len(teachers)} --teacher but {len(urls)} --teacher-url: give one URL per teacher, in the same order"
+        )
+    out = []
+    for i, teacher in enumerate(teachers):
+        one = argparse.Namespace(**vars(args))
+        one.teacher, one.teacher_url = teacher, urls[i] if urls else None
+        out.append(one)
+    return out
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import difflib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Mapping
@@ -34,11 +35,15 @@ from typing import Any
 from .credit import CHUNK_SPLITS, CREDIT_MODES, DEFAULT_TOP_K
 from .dense import DEFAULT_DENSE_TOP_K, DIVERGENCES
 from .errors import ConfigError
+from .routing import Route, normalise_route
 from .teacher_view import PROMPT_FORMATS, SYSTEM_PROMPT_POLICIES
 from .urls import check_url, has_credentials, is_loopback, redact_url
 
 __all__ = [
     "XVocabConfig",
+    "TeacherConfig",
+    "TEACHER_ENTRY_KEYS",
+    "TEACHER_OVERRIDES",
     "fields_reference",
     "reference_markdown",
     "ARG_PREFIX",
@@ -62,6 +67,68 @@ OLD_API_KEY_ENV = "SLIME_XVOCAB_TEACHER_API_KEY"
 SECRET_FIELDS = frozenset({"api_key"})
 
 
+#: Name of the one teacher that the single-teacher keys (xvocab_teacher_tokenizer / xvocab_teacher_urls) describe.
+DEFAULT_TEACHER_NAME = "default"
+#: Top-level settings an ``xvocab_teachers`` entry may override for its teacher (same names, same checks).
+TEACHER_OVERRIDES = (
+    "prompt_format",
+    "template_kwargs",
+    "system_prompt",
+    "end_of_turn",
+    "max_teacher_tokens",
+    "top_k",
+    "timeout_s",
+    "retry_budget_s",
+    "max_retries",
+    "max_concurrency",
+    "max_failed_fraction",
+    "ca_bundle",
+    "verify_tls",
+)
+#: Every key an ``xvocab_teachers`` entry accepts.
+TEACHER_ENTRY_KEYS = ("name", "tokenizer", "urls", "api_key", "api_key_env", *TEACHER_OVERRIDES)
+_TEACHER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher: its tokenizer, endpoints, credentials and the settings it overrides.
+
+    Built by :meth:`XVocabConfig.from_args` from an ``xvocab_teachers`` entry (settings it leaves out take the
+    top-level ``xvocab_*`` value) or, without ``xvocab_teachers``, from the single-teacher keys as the one
+    teacher named ``default``. ``api_key`` is resolved already (``api_key_env`` read at start-up).
+    """
+
+    name: str
+    tokenizer: str
+    urls: tuple[str, ...]
+    api_key: str | None = None
+    prompt_format: str = "chat"
+    template_kwargs: dict = field(default_factory=dict)
+    system_prompt: str = "keep"
+    end_of_turn: str | None = None
+    max_teacher_tokens: int | None = None
+    top_k: int = DEFAULT_TOP_K
+    timeout_s: float = 120.0
+    retry_budget_s: float = 60.0
+    max_retries: int | None = None
+    max_concurrency: int = 32
+    max_failed_fraction: float = 0.1
+    ca_bundle: str | None = None
+    verify_tls: bool = True
+
+    def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
+        """Plain dict; unless ``redact=False`` the API key reads ``"***"`` and URL credentials ``***@``."""
+        out = dataclasses.asdict(self)
+        out["urls"] = [redact_url(u) if redact else u for u in self.urls]
+        if redact and out.get("api_key"):
+            out["api_key"] = "***"
+        return out
+
+    def __repr__(self) -> str:
+        return f"TeacherConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
+
+
 def _opt(
     default: Any,
     help: str,
@@ -83,7 +150,11 @@ class XVocabConfig:
     """The plugin's settings. Build it with :meth:`from_args`; field ``name`` is ``args.xvocab_<name>``.
 
     ``kind`` in each field's metadata is one of ``str``, ``opt_str``, ``urls``, ``choice``, ``dict``,
-    ``int``, ``opt_int``, ``float``, ``opt_float``, ``bool``.
+    ``int``, ``opt_int``, ``float``, ``opt_float``, ``bool``, ``teachers``, ``route``.
+
+    After :meth:`from_args`, ``teachers`` always holds at least one :class:`TeacherConfig` (the single-teacher
+    keys become the teacher ``default``), ``teacher_routes`` maps each value to a normalised
+    :data:`~slime_xvocab.routing.Route` and ``default_teacher`` is a route.
     """
 
     teacher_tokenizer: str | None = _opt(
@@ -110,6 +181,38 @@ class XVocabConfig:
         "variable (the hooks and `check` read it; the old SLIME_XVOCAB_TEACHER_API_KEY still works, with a "
         "deprecation warning): slime prints YAML keys with its arguments. Never logged by the plugin.",
         "opt_str",
+    )
+    teachers: tuple = _opt(
+        (),
+        "Several teachers (docs/multi-teacher.md): a list of entries, each with `name` (letters, digits, `_.-`), "
+        "`tokenizer`, `urls` (list or router URL), optionally `api_key_env` (the name of the environment variable "
+        "holding its key; or `api_key`) and any of `prompt_format`, `template_kwargs`, `system_prompt`, "
+        "`end_of_turn`, `max_teacher_tokens`, `top_k`, `timeout_s`, `retry_budget_s`, `max_retries`, "
+        "`max_concurrency`, `max_failed_fraction`, `ca_bundle`, `verify_tls` (default: the top-level setting). "
+        "Replaces xvocab_teacher_tokenizer / xvocab_teacher_urls, which describe one teacher named `default`. "
+        "The top-level API key is not given to listed teachers.",
+        "teachers",
+    )
+    teacher_route_key: str | None = _opt(
+        None,
+        "Key of `sample.metadata` whose value picks the teacher(s) of a sample through xvocab_teacher_routes "
+        "(e.g. `source` or `domain`, written by the data source). None: every sample goes to "
+        "xvocab_default_teacher.",
+        "opt_str",
+    )
+    teacher_routes: dict = _opt(
+        None,
+        "Route of each value of the xvocab_teacher_route_key field: a teacher name, or `{name: weight}` for the "
+        "token-level mixture of several teachers (weights normalised; log sum_k w_k p_k(token) per student "
+        "token, over the teachers that scored it). Values without a route go to xvocab_default_teacher "
+        "(counted in rollout/xvocab/unrouted_samples).",
+        "dict",
+        factory=dict,
+    )
+    default_teacher: Any = _opt(
+        None,
+        "Teacher (or `{name: weight}` mixture) of samples without a route; default: the first teacher.",
+        "route",
     )
     credit_mode: str = _opt(
         "student_token",
@@ -376,16 +479,21 @@ class XVocabConfig:
             except ValueError as exc:
                 problems.append(f"{where} = {_shown(name, value)}: {exc}")
 
-        if "teacher_urls" not in raw and getattr(args, "rm_url", None):
+        if "teacher_urls" not in raw and not values.get("teachers") and getattr(args, "rm_url", None):
             values["teacher_urls"] = _coerce(args.rm_url, _FIELDS["teacher_urls"].metadata)
         rollout_t = getattr(args, "rollout_temperature", None)
         if "teacher_temperature" not in values and isinstance(rollout_t, (int, float)) and rollout_t > 0:
             values["teacher_temperature"] = float(rollout_t)  # as slime's own OPD (#2085, #2325)
         if "student_tokenizer" not in raw and getattr(args, "hf_checkpoint", None):
             values["student_tokenizer"] = str(args.hf_checkpoint)
+        teachers, teacher_problems, teacher_warnings = _build_teachers(values, environ)
         problems += _check_required(values)
-        problems += _check_combinations(values, args)
-        problems += _check_transport(values)
+        problems += teacher_problems
+        if teachers:
+            values["teacher_routes"], values["default_teacher"], route_problems = _build_routes(values, teachers)
+            problems += route_problems
+        problems += _check_combinations(values, args, teachers)
+        problems += _check_transport(values, teachers)
         if problems:
             raise ConfigError(
                 f"slime-xvocab configuration has {len(problems)} problem(s):\n"
@@ -394,10 +502,12 @@ class XVocabConfig:
                 "of `python -m slime_xvocab.train`, or XVOCAB_* environment variables; see "
                 "docs/configuration.md."
             )
+        values["teachers"] = teachers
         config = cls(**values)
         if warn:
             from_args = "api_key" in raw and raw["api_key"][1] == ARG_PREFIX + "api_key"
-            for message in _warnings(config, args) + _transport_warnings(config, key_from_args=from_args):
+            found = _warnings(config, args) + _transport_warnings(config, key_from_args=from_args) + teacher_warnings
+            for message in found:
                 warnings.warn(message, stacklevel=2)
                 logger.warning(message)
         return config
@@ -407,6 +517,7 @@ class XVocabConfig:
         URL credentials ``***@``."""
         out = dataclasses.asdict(self)
         out["teacher_urls"] = list(self.teacher_urls)
+        out["teachers"] = [t.to_dict(redact=redact) for t in self.teachers]
         if redact:
             out["teacher_urls"] = [redact_url(u) for u in self.teacher_urls]
             for name in SECRET_FIELDS:
@@ -444,8 +555,13 @@ def _shown(name: str, value: Any) -> str:
 def _parse_env(text: str, kind: str) -> Any:
     """Turn an environment string into the value a YAML file would have given."""
     text = text.strip()
-    if kind in ("opt_str", "opt_int", "opt_float") and text.lower() in ("", "none", "null"):
+    if kind in ("opt_str", "opt_int", "opt_float", "route") and text.lower() in ("", "none", "null"):
         return None
+    if kind == "teachers" or (kind == "route" and text.startswith("{")):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"must be JSON ({exc})") from None
     if kind == "urls":
         return [u.strip() for u in text.split(",") if u.strip()]
     if kind == "dict":
@@ -503,6 +619,14 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
             if problem is not None:
                 raise ValueError(problem)
         return tuple(items)
+    if kind == "teachers":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(t, Mapping) for t in value):
+            raise ValueError("must be a list of teacher entries (YAML list of mappings / JSON array of objects)")
+        return tuple(dict(t) for t in value)
+    if kind == "route":
+        if not isinstance(value, (str, Mapping)) or not value:
+            raise ValueError("must be a teacher name or a mapping {teacher name: weight}")
+        return value if isinstance(value, str) else dict(value)
     if kind == "dict":
         if not isinstance(value, dict):
             raise ValueError(f"must be a mapping (YAML dict / JSON object), got {type(value).__name__}")
@@ -532,12 +656,19 @@ def _coerce(value: Any, meta: Mapping[str, Any]) -> Any:
 
 def _check_required(values: Mapping[str, Any]) -> list[str]:
     problems = []
-    if not values.get("teacher_tokenizer"):
+    if values.get("teachers"):
+        for key in ("teacher_tokenizer", "teacher_urls"):
+            if values.get(key):
+                problems.append(
+                    f"xvocab_teachers and {ARG_PREFIX + key} are both set: give every teacher its tokenizer and "
+                    "urls in its xvocab_teachers entry (the single-teacher keys describe one teacher)"
+                )
+    elif not values.get("teacher_tokenizer"):
         problems.append(
             "xvocab_teacher_tokenizer is not set: give the teacher's tokenizer (the path the teacher server "
             "was launched with, e.g. /models/Llama-3.1-70B-Instruct)"
         )
-    if not values.get("teacher_urls"):
+    if not values.get("teacher_urls") and not values.get("teachers"):
         problems.append(
             "xvocab_teacher_urls is not set (nor slime's --rm-url): give the teacher server's URL, e.g. "
             "http://10.0.0.7:30000 (see scripts/launch_teacher.sh)"
@@ -547,8 +678,13 @@ def _check_required(values: Mapping[str, Any]) -> list[str]:
     return problems
 
 
-def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
+def _check_combinations(values: Mapping[str, Any], args: Any, teachers: tuple[TeacherConfig, ...] = ()) -> list[str]:
     problems = []
+    if values.get("dense") and len(teachers) > 1:
+        problems.append(
+            f"xvocab_dense takes one teacher; {len(teachers)} are configured in xvocab_teachers. Dense targets are "
+            "not combined across teachers yet: use sampled-token OPD (the default) for several teachers"
+        )
     if values.get("inner_rm_type") and values.get("inner_rm_path"):
         problems.append("xvocab_inner_rm_type and xvocab_inner_rm_path are both set: keep one")
     if values.get("max_failed_fraction", 0.0) > 1.0:
@@ -561,7 +697,7 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
     rm_url = getattr(args, "rm_url", None)
     if values.get("inner_rm_type") == "remote_rm" and rm_url:
         rm_urls = {u.strip() for u in (rm_url.split(",") if isinstance(rm_url, str) else rm_url)}
-        if rm_urls & set(values.get("teacher_urls", ())):
+        if rm_urls & ({u for t in teachers for u in t.urls} | set(values.get("teacher_urls", ()))):
             problems.append(
                 f"xvocab_inner_rm_type is remote_rm, which posts rewards to --rm-url, but --rm-url "
                 f"({rm_url}) is also the teacher URL (xvocab_teacher_urls defaults to --rm-url): set "
@@ -581,43 +717,178 @@ def _check_combinations(values: Mapping[str, Any], args: Any) -> list[str]:
     return problems
 
 
-def _check_transport(values: Mapping[str, Any]) -> list[str]:
+def _check_transport(values: Mapping[str, Any], teachers: tuple[TeacherConfig, ...] = ()) -> list[str]:
     """Credentials and TLS settings that would fail at the first request: report them now."""
-    problems = []
-    urls = values.get("teacher_urls") or ()
-    if values.get("api_key") and any(has_credentials(u) for u in urls):
-        problems.append(
-            "xvocab_teacher_urls carries user:password@ and xvocab_api_key is set too: an HTTP request can "
-            "carry only one Authorization header; keep one"
-        )
-    bundle = values.get("ca_bundle")
-    if bundle:
-        import ssl
+    import ssl
 
+    problems = []
+    bundles: dict[str, str] = {}
+    if values.get("ca_bundle"):
+        bundles[values["ca_bundle"]] = "xvocab_ca_bundle"
+    for t in teachers:
+        label = "xvocab_teacher_urls" if t.name == DEFAULT_TEACHER_NAME else f"teacher {t.name!r}: urls"
+        key = "xvocab_api_key" if t.name == DEFAULT_TEACHER_NAME else "api_key"
+        if t.api_key and any(has_credentials(u) for u in t.urls):
+            problems.append(
+                f"{label} carries user:password@ and {key} is set too: an HTTP request can carry only one "
+                "Authorization header; keep one"
+            )
+        if t.ca_bundle and t.ca_bundle not in bundles:
+            bundles[t.ca_bundle] = f"teacher {t.name!r}: ca_bundle"
+    for bundle, label in bundles.items():
         try:
             ssl.create_default_context(cafile=bundle)
         except (OSError, ssl.SSLError) as exc:
             problems.append(
-                f"xvocab_ca_bundle={bundle!r} cannot be used ({type(exc).__name__}: {exc}); give a readable PEM "
+                f"{label}={bundle!r} cannot be used ({type(exc).__name__}: {exc}); give a readable PEM "
                 "file of CA certificates"
             )
     return problems
 
 
+def _build_teachers(
+    values: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[tuple[TeacherConfig, ...], list[str], list[str]]:
+    """The teachers of the configuration: the ``xvocab_teachers`` entries, or the single-teacher keys.
+
+    Returns:
+        ``(teachers, problems, warnings)``; ``teachers`` is empty when a required setting is missing (reported
+        by :func:`_check_required`) or an entry has problems.
+    """
+    defaults = {name: values.get(name, _field_default(name)) for name in TEACHER_OVERRIDES}
+    entries = values.get("teachers")
+    if not entries:
+        if not values.get("teacher_tokenizer") or not values.get("teacher_urls"):
+            return (), [], []
+        one = TeacherConfig(
+            DEFAULT_TEACHER_NAME, values["teacher_tokenizer"], values["teacher_urls"], values.get("api_key"), **defaults
+        )
+        return (one,), [], []
+    problems: list[str] = []
+    warned: list[str] = []
+    teachers = []
+    seen: set[str] = set()
+    for i, entry in enumerate(entries):
+        name = entry.get("name")
+        label = f"xvocab_teachers[{i}]" + (f" ({name!r})" if isinstance(name, str) else "")
+        found, where = _teacher_entry(entry, label, defaults, environ)
+        problems += where
+        if not isinstance(name, str) or not _TEACHER_NAME.match(name):
+            problems.append(f"{label}: name must be 1-64 letters, digits, '_', '.', '-' (names metrics), got {name!r}")
+        elif name in seen:
+            problems.append(f"{label}: duplicate teacher name {name!r}; every teacher needs its own name")
+        else:
+            seen.add(name)
+        if "api_key" in entry:
+            warned.append(
+                f"{label}: api_key is written in the YAML / flags, which slime prints at start-up; use api_key_env"
+            )
+        if found is not None and not where:
+            teachers.append(TeacherConfig(name=name, **found))
+    if values.get("api_key"):
+        warned.append(
+            "xvocab_api_key / XVOCAB_API_KEY is set but xvocab_teachers is used: listed teachers never get the "
+            "top-level key; give each its own api_key_env"
+        )
+    return (tuple(teachers) if not problems else ()), problems, warned
+
+
+def _teacher_entry(
+    entry: Mapping[str, Any], label: str, defaults: Mapping[str, Any], environ: Mapping[str, str]
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The settings of one ``xvocab_teachers`` entry (name aside), checked: ``(settings, problems)``."""
+    problems = [
+        f"{label}: unknown key {k!r}{_did_you_mean(str(k), list(TEACHER_ENTRY_KEYS))}"
+        for k in entry
+        if k not in TEACHER_ENTRY_KEYS
+    ]
+    out: dict[str, Any] = dict(defaults)
+    tokenizer = entry.get("tokenizer")
+    if not isinstance(tokenizer, str) or not tokenizer.strip():
+        problems.append(f"{label}: tokenizer is missing (the path or hub id the teacher server was launched with)")
+    else:
+        out["tokenizer"] = tokenizer.strip()
+    try:
+        out["urls"] = _coerce(entry.get("urls") or (), _FIELDS["teacher_urls"].metadata)
+    except ValueError as exc:
+        problems.append(f"{label}: urls = {redact_url(repr(entry.get('urls')))}: {exc}")
+    if "urls" in out and not out["urls"]:
+        problems.append(f"{label}: urls is missing (the teacher server's URL(s), or its sglang-router URL)")
+    out["api_key"], key_problems = _teacher_key(entry, label, environ)
+    problems += key_problems
+    for key in TEACHER_OVERRIDES:
+        if entry.get(key) is None:
+            continue
+        try:
+            out[key] = _coerce(entry[key], _FIELDS[key].metadata)
+        except ValueError as exc:
+            problems.append(f"{label}: {key} = {_shown(key, entry[key])}: {exc}")
+    if out["max_failed_fraction"] > 1.0:
+        problems.append(f"{label}: max_failed_fraction must be <= 1.0 (1.0 = never stop)")
+    return out, problems
+
+
+def _teacher_key(entry: Mapping[str, Any], label: str, environ: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """A listed teacher's API key: ``api_key``, or the environment variable named by ``api_key_env``."""
+    key, env = entry.get("api_key"), entry.get("api_key_env")
+    if key is not None and env is not None:
+        return None, [f"{label}: api_key and api_key_env are both set; keep api_key_env"]
+    if env is not None:
+        if not isinstance(env, str) or not env:
+            return None, [f"{label}: api_key_env must be the name of an environment variable"]
+        if not environ.get(env):
+            return None, [f"{label}: api_key_env names {env!r}, which is not set in this process's environment"]
+        return environ[env], []
+    if key is not None and (not isinstance(key, str) or not key):
+        return None, [f"{label}: api_key = <redacted {type(key).__name__}>: must be a non-empty string"]
+    return key, []
+
+
+def _build_routes(
+    values: Mapping[str, Any], teachers: tuple[TeacherConfig, ...]
+) -> tuple[dict[str, Route], Route, list[str]]:
+    """``(routes by value, default route, problems)`` of xvocab_teacher_routes / xvocab_default_teacher."""
+    names = [t.name for t in teachers]
+    problems, routes = [], {}
+    for value, target in (values.get("teacher_routes") or {}).items():
+        try:
+            routes[str(value)] = normalise_route(target, names)
+        except ValueError as exc:
+            problems.append(f"xvocab_teacher_routes[{value!r}]: {exc}")
+    default: Route = ((names[0], 1.0),)
+    if values.get("default_teacher") is not None:
+        try:
+            default = normalise_route(values["default_teacher"], names)
+        except ValueError as exc:
+            problems.append(f"xvocab_default_teacher: {exc}")
+    if routes and not values.get("teacher_route_key"):
+        problems.append(
+            "xvocab_teacher_routes is set but xvocab_teacher_route_key is not: name the sample.metadata field "
+            "whose value picks the route (e.g. source)"
+        )
+    return routes, default, problems
+
+
+def _field_default(name: str) -> Any:
+    f = _FIELDS[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 def _transport_warnings(config: XVocabConfig, *, key_from_args: bool) -> list[str]:
     out = []
-    plain = [u for u in config.teacher_urls if u.lower().startswith("http://") and not is_loopback(u)]
-    if plain and (config.api_key or any(has_credentials(u) for u in plain)):
-        out.append(
-            f"teacher credentials go in clear text over plain http to {redact_url(plain[0])}: use https:// "
-            "(xvocab_ca_bundle for a private CA) or keep the teacher on a private network"
-        )
+    for t in config.teachers:
+        plain = [u for u in t.urls if u.lower().startswith("http://") and not is_loopback(u)]
+        if plain and (t.api_key or any(has_credentials(u) for u in plain)):
+            out.append(
+                f"teacher credentials go in clear text over plain http to {redact_url(plain[0])}: use https:// "
+                "(xvocab_ca_bundle for a private CA) or keep the teacher on a private network"
+            )
     if key_from_args:
         out.append(
             f"xvocab_api_key is set in the YAML / flags, which slime prints with its arguments at start-up; set "
             f"the {API_KEY_ENV} environment variable instead"
         )
-    if not config.verify_tls:
+    if not all(t.verify_tls for t in config.teachers) or not config.verify_tls:
         out.append("xvocab_verify_tls is false: the teacher's certificate is not checked (testing only)")
     return out
 
@@ -709,6 +980,8 @@ _KIND_NAMES = {
     "float": "number",
     "opt_float": "number",
     "bool": "boolean",
+    "teachers": "list of teachers",
+    "route": "teacher name or {name: weight}",
 }
 
 
@@ -720,6 +993,8 @@ def _format_default(entry: Mapping[str, Any]) -> str:
         return "`--rm-url`"
     if entry["name"] == "teacher_temperature":
         return "`--rollout-temperature`"
+    if entry["name"] == "default_teacher":
+        return "the first teacher"
     if default is None or default == ():
         return "—"
     if isinstance(default, dict):

@@ -39,8 +39,16 @@ What a sample carries afterwards (plain Python values, so samples pickle across 
 
     sample.teacher_log_probs            torch.float32 [response_length] (a list if torch is missing)
     sample.metadata["xvocab"] = {"stats": {...}, "failed": bool, "error": str | None,
-                                 "evaluation": bool, "rollout_id": int | None}
+                                 "evaluation": bool, "rollout_id": int | None,
+                                 "route": [teacher names], "teachers": {name: {...stats}}}
     sample.metadata["xvocab_dense"]     dense.DenseTargets, with xvocab_dense (docs/dense.md)
+
+Several teachers (``xvocab_teachers``, docs/multi-teacher.md): each has its own view builder (its tokenizer,
+template and context limit; the student tokenizer is shared) and its own client (concurrency, retries,
+counters). A sample's route (``xvocab_teacher_route_key`` / ``xvocab_teacher_routes``) names one teacher or
+several with weights; several are scored concurrently and mixed per token (:mod:`slime_xvocab.routing`). A
+teacher that fails is charged to that teacher; the sample falls back only when every teacher of its route
+failed. The single-teacher keys are the one teacher ``default``.
 """
 
 from __future__ import annotations
@@ -60,10 +68,17 @@ from typing import Any
 import numpy as np
 
 from .alignment import Alignment, Unaligned
-from .config import XVocabConfig
+from .config import TeacherConfig, XVocabConfig
 from .credit import CreditResult, assign_credit, student_extensions, student_token_credit
 from .errors import ByteMismatchError, ConfigError, NonFiniteCreditError, SampleError, TeacherError, XVocabError
-from .metrics import compute_post_process_metrics, compute_rollout_metrics, failure_reason, sample_stats
+from .metrics import (
+    compute_post_process_metrics,
+    compute_rollout_metrics,
+    compute_teacher_metrics,
+    failure_reason,
+    sample_stats,
+)
+from .routing import mix_log_probs, route_of
 from .urls import redact_text, redact_url
 
 __all__ = [
@@ -97,16 +112,38 @@ _LOG_FIRST_FAILURES = 5
 
 
 @dataclass
+class _Teacher:
+    """One teacher of a runtime: its settings, view builder, HTTP client and per-teacher state."""
+
+    spec: TeacherConfig
+    builder: Any  # teacher_view.TeacherViewBuilder (student tokenizer shared by every teacher)
+    client: Any  # teacher_client.TeacherClient: its own concurrency, retries and counters
+    extensions: Any = None  # credit.StudentExtensions (student_token credit across tokenizers), shared
+    temperature_checked: bool = False
+    probe: Any = None  # (event loop, asyncio.Task) of its start-up probe, once per runtime
+    dense: Any = None  # (dense.StudentProjection, credit.StudentExtensions) with xvocab_dense (cross-vocabulary)
+
+
+@dataclass
 class _Runtime:
     config: XVocabConfig
-    builder: Any  # teacher_view.TeacherViewBuilder
-    client: Any  # teacher_client.TeacherClient
+    teachers: dict[str, _Teacher]  # configured order; the first is the default teacher's when not routed
     inner_args: Any = None  # args copy for slime's rm_hub (custom_rm_path cleared, rm_type = inner type)
-    extensions: Any = None  # credit.StudentExtensions of the student tokenizer (student_token credit)
     failures_logged: int = 0
-    temperature_checked: bool = False
-    probe: Any = None  # (event loop, asyncio.Task) of the start-up probe, once per runtime
-    dense: Any = None  # (dense.StudentProjection, credit.StudentExtensions) with xvocab_dense (cross-vocabulary)
+
+    @property
+    def first(self) -> _Teacher:
+        return next(iter(self.teachers.values()))
+
+    @property
+    def builder(self) -> Any:
+        """The first teacher's view builder (the only one with the single-teacher keys)."""
+        return self.first.builder
+
+    @property
+    def client(self) -> Any:
+        """The first teacher's client (the only one with the single-teacher keys)."""
+        return self.first.client
 
 
 _LOCK = threading.Lock()
@@ -158,14 +195,25 @@ def _runtime(args: Any) -> _Runtime:
     return runtime
 
 
-def teacher_view_builder(args: Any) -> Any:
+def teacher_view_builder(args: Any, teacher: str | None = None) -> Any:
     """The :class:`~slime_xvocab.teacher_view.TeacherViewBuilder` the hooks use for ``args`` (built once per args
     object, tokenizers loaded once per process): for previews and evaluations that must see what the hooks see.
 
+    Args:
+        args: slime's args.
+        teacher: a teacher name of ``xvocab_teachers``; default: the first teacher (``default`` with the
+            single-teacher keys).
+
     Raises:
-        ConfigError: the ``xvocab_*`` settings of ``args`` are invalid or a tokenizer does not load.
+        ConfigError: the ``xvocab_*`` settings of ``args`` are invalid, a tokenizer does not load, or
+            ``teacher`` is not a configured name.
     """
-    return _runtime(args).builder
+    runtime = _runtime(args)
+    if teacher is None:
+        return runtime.builder
+    if teacher not in runtime.teachers:
+        raise ConfigError(f"no teacher named {teacher!r} (teachers: {', '.join(runtime.teachers)})")
+    return runtime.teachers[teacher].builder
 
 
 def reset(args: Any = None) -> None:
@@ -184,23 +232,21 @@ def reset(args: Any = None) -> None:
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}
 
 
-def _load_tokenizer(path: str, config: XVocabConfig, role: str) -> Any:
+def _load_tokenizer(path: str, config: XVocabConfig, role: str, key: str = "xvocab_teacher_tokenizer") -> Any:
     """``AutoTokenizer.from_pretrained``, once per (path, trust_remote_code) in this process (the token
-    byte tables are cached per tokenizer object, so reusing the object reuses them too)."""
+    byte tables are cached per tokenizer object, so reusing the object reuses them too). ``key`` names the
+    setting in the error."""
     cache_key = (path, config.trust_remote_code)
     if cache_key not in _TOKENIZERS:
-        _TOKENIZERS[cache_key] = _load_tokenizer_uncached(path, config, role)
+        _TOKENIZERS[cache_key] = _load_tokenizer_uncached(path, config, role, key)
     return _TOKENIZERS[cache_key]
 
 
-def _load_tokenizer_uncached(path: str, config: XVocabConfig, role: str) -> Any:
+def _load_tokenizer_uncached(path: str, config: XVocabConfig, role: str, key: str) -> Any:
     from transformers import AutoTokenizer
 
-    key = (
-        "xvocab_student_tokenizer (default: --hf-checkpoint)"
-        if role == "student"
-        else "xvocab_teacher_tokenizer"
-    )
+    if role == "student":
+        key = "xvocab_student_tokenizer (default: --hf-checkpoint)"
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, ... depending on what is wrong
@@ -229,62 +275,76 @@ def _student_end_ids(tokenizer: Any, spec: str | None) -> list[int] | None:
 
 
 def _build_runtime(args: Any, config: XVocabConfig) -> _Runtime:
+    """Every teacher's view builder and client (the student tokenizer and its tables loaded once)."""
+    student_tok = _load_tokenizer(config.student_tokenizer, config, "student")
+    student_end = _student_end_ids(student_tok, config.student_end_of_turn)
+    teachers: dict[str, _Teacher] = {}
+    shared_extensions: list = []  # the student's extension table, built once for every cross-vocab teacher
+    for spec in config.teachers:
+        teachers[spec.name] = _build_teacher(config, spec, student_tok, student_end, shared_extensions)
+    if config.dense:
+        from .dense_transport import check_rollout_side
+
+        check_rollout_side(args)
+    inner_args = None
+    if config.inner_rm_type:
+        inner_args = copy.copy(args)
+        inner_args.custom_rm_path = None
+        inner_args.rm_type = config.inner_rm_type
+    return _Runtime(config, teachers, inner_args)
+
+
+def _build_teacher(
+    config: XVocabConfig, spec: TeacherConfig, student_tok: Any, student_end: Any, shared_extensions: list
+) -> _Teacher:
     from .teacher_client import TeacherClient
     from .teacher_view import TeacherViewBuilder
 
-    student_tok = _load_tokenizer(config.student_tokenizer, config, "student")
-    teacher_tok = _load_tokenizer(config.teacher_tokenizer, config, "teacher")
+    key = "xvocab_teacher_tokenizer" if len(config.teachers) == 1 else f"xvocab_teachers[{spec.name!r}].tokenizer"
+    teacher_tok = _load_tokenizer(spec.tokenizer, config, "teacher", key)
     student_token = config.credit_mode == "student_token"
-    wants_top = student_token or config.dense
     builder = TeacherViewBuilder(
         student_tok,
         teacher_tok,
-        prompt_format=config.prompt_format,
-        template_kwargs=config.template_kwargs,
-        system_prompt=config.system_prompt,
-        end_of_turn=config.end_of_turn,
-        student_end_of_turn=_student_end_ids(student_tok, config.student_end_of_turn),
-        max_teacher_tokens=config.max_teacher_tokens,
-        probe_next=wants_top,
+        prompt_format=spec.prompt_format,
+        template_kwargs=spec.template_kwargs,
+        system_prompt=spec.system_prompt,
+        end_of_turn=spec.end_of_turn,
+        student_end_of_turn=student_end,
+        max_teacher_tokens=spec.max_teacher_tokens,
+        probe_next=student_token or config.dense,
     )
     student_token = student_token and not builder.same_tokenizer
-    extensions = student_extensions(student_tok, builder.student_table) if student_token else None
+    if student_token and not shared_extensions:
+        shared_extensions.append(student_extensions(student_tok, builder.student_table))
+    client = TeacherClient(
+        list(spec.urls),
+        api_key=spec.api_key,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+        retry_budget_s=spec.retry_budget_s,
+        ca_bundle=spec.ca_bundle,
+        verify_tls=spec.verify_tls,
+        max_concurrency=spec.max_concurrency,
+        max_input_tokens=spec.max_teacher_tokens,
+        top_logprobs=spec.top_k if student_token or config.dense else 0,
+        temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
+    )
+    logger.info(
+        "slime-xvocab ready: student %s, teacher %r %s (%s), teacher at %s",
+        config.student_tokenizer,
+        spec.name,
+        spec.tokenizer,
+        "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
+        ", ".join(redact_url(u) for u in client.urls),
+    )
     dense = None
     if config.dense and not builder.same_tokenizer:
         from .dense import student_projection
 
         dense = (student_projection(student_tok, builder.student_table),
                  student_extensions(student_tok, builder.student_table))
-    client = TeacherClient(
-        list(config.teacher_urls),
-        api_key=config.api_key,
-        timeout_s=config.timeout_s,
-        max_retries=config.max_retries,
-        retry_budget_s=config.retry_budget_s,
-        ca_bundle=config.ca_bundle,
-        verify_tls=config.verify_tls,
-        max_concurrency=config.max_concurrency,
-        max_input_tokens=config.max_teacher_tokens,
-        top_logprobs=config.top_k if student_token or config.dense else 0,
-        temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
-    )
-    inner_args = None
-    if config.inner_rm_type:
-        inner_args = copy.copy(args)
-        inner_args.custom_rm_path = None
-        inner_args.rm_type = config.inner_rm_type
-    logger.info(
-        "slime-xvocab ready: student %s, teacher %s (%s), teacher at %s",
-        config.student_tokenizer,
-        config.teacher_tokenizer,
-        "same tokenizer: slime's request" if builder.same_tokenizer else "cross-vocabulary",
-        ", ".join(redact_url(u) for u in client.urls),
-    )
-    if config.dense:
-        from .dense_transport import check_rollout_side
-
-        check_rollout_side(args)
-    return _Runtime(config, builder, client, inner_args, extensions, dense=dense)
+    return _Teacher(spec, builder, client, shared_extensions[0] if student_token else None, dense=dense)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -390,15 +450,14 @@ def _identity_view(sample: Any, n: int, max_tokens: int | None, end_ids: Any = (
     return _View(ids, start, alignment, eot_mapped=ends_turn, teacher_truncated_tokens=cut)
 
 
-def _build_view(runtime: _Runtime, sample: Any, n: int, sid: str) -> _View:
-    if runtime.builder.same_tokenizer:
-        return _identity_view(sample, n, runtime.config.max_teacher_tokens, runtime.builder.student_end_ids)
-    messages = _messages(sample, runtime.config, sid)
+def _build_view(config: XVocabConfig, teacher: _Teacher, sample: Any, n: int, sid: str) -> _View:
+    """The sample as ``teacher`` reads it (its own tokenizer, chat template and context limit)."""
+    if teacher.builder.same_tokenizer:
+        return _identity_view(sample, n, teacher.spec.max_teacher_tokens, teacher.builder.student_end_ids)
+    messages = _messages(sample, config, sid)
     md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
     response_ids = list(sample.tokens[len(sample.tokens) - n :])
-    view = runtime.builder.build(
-        messages, response_ids, tools=md.get(runtime.config.tools_key), sample_id=sid
-    )
+    view = teacher.builder.build(messages, response_ids, tools=md.get(config.tools_key), sample_id=sid)
     return _View(
         list(view.input_ids),
         int(view.response_start),
@@ -446,143 +505,255 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
 
 
 async def _startup_probe(runtime: _Runtime) -> None:
-    """:func:`~slime_xvocab.probe.probe_teacher` once per runtime (every caller awaits the same task, so a
-    failed probe raises the same error for every sample of the first rollout)."""
+    """:func:`~slime_xvocab.probe.probe_teacher` once per runtime and teacher, all teachers at once (every
+    caller awaits the same tasks, so a failed probe raises the same error for every sample of the first
+    rollout). With several teachers the error names the teacher."""
     if not runtime.config.startup_probe:
         return
-    loop = asyncio.get_running_loop()
-    if runtime.probe is None or runtime.probe[0] is not loop:
-        if runtime.probe is not None and runtime.probe[1].done():
-            runtime.probe[1].result()  # probed on another loop already: re-raise its error, or pass
-            return
-        from .probe import probe_teacher
+    await asyncio.gather(*(_probe_teacher(t, len(runtime.teachers) > 1) for t in runtime.teachers.values()))
 
-        task = loop.create_task(
-            probe_teacher(
-                runtime.client,
-                teacher_vocab_size=len(runtime.builder.teacher_tokenizer),
-                max_teacher_tokens=runtime.config.max_teacher_tokens,
-                wait_s=runtime.config.retry_budget_s,
-            )
+
+async def _probe_teacher(teacher: _Teacher, named: bool) -> None:
+    loop = asyncio.get_running_loop()
+    if teacher.probe is None or teacher.probe[0] is not loop:
+        if teacher.probe is not None and teacher.probe[1].done():
+            teacher.probe[1].result()  # probed on another loop already: re-raise its error, or pass
+            return
+        task = loop.create_task(_probe(teacher, named))
+        teacher.probe = (loop, task)
+    await asyncio.shield(teacher.probe[1])
+
+
+async def _probe(teacher: _Teacher, named: bool) -> None:
+    from .probe import probe_teacher
+
+    try:
+        await probe_teacher(
+            teacher.client,
+            teacher_vocab_size=len(teacher.builder.teacher_tokenizer),
+            max_teacher_tokens=teacher.spec.max_teacher_tokens,
+            wait_s=teacher.spec.retry_budget_s,
         )
-        runtime.probe = (loop, task)
-    await asyncio.shield(runtime.probe[1])
+    except XVocabError as exc:
+        if not named:
+            raise
+        raise type(exc)(f"teacher {teacher.spec.name!r} (xvocab_teachers): {exc}") from exc
+
+
+@dataclass
+class _Scored:
+    """One teacher's answer for one sample: its values (None when it failed) and its stats."""
+
+    name: str
+    weight: float
+    credit: CreditResult | None
+    stats: dict
+    error: str | None = None
+    exc: BaseException | None = None
+    dense: Any = None  # dense.DenseTargets with xvocab_dense
 
 
 async def _score_sample(runtime: _Runtime, sample: Any) -> None:
-    """Teacher view -> teacher log-probs -> alignment -> ``sample.teacher_log_probs`` (+ stats)."""
+    """Route -> per teacher: view -> log-probs -> alignment -> credit -> mixture -> ``sample.teacher_log_probs``.
+
+    Every routed teacher scores the sample concurrently through its own client. A teacher that fails is
+    counted against that teacher; the sample falls back (student's own log-probs) only when every routed
+    teacher failed. ``metadata["xvocab"]`` gains ``teachers`` (stats per teacher) and ``route`` (names).
+    """
     config = runtime.config
     sid = _sample_id(sample)
     n = int(sample.response_length)
+    md = sample.metadata if isinstance(getattr(sample, "metadata", None), dict) else {}
+    route, matched = route_of(md, config.teacher_route_key, config.teacher_routes, config.default_teacher)
+    names = [name for name, _ in route]
     if n == 0:
+        stats = sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict())
+        stats["unrouted"] = float(not matched)
         sample.teacher_log_probs = _to_tensor(np.zeros(0))
         if config.dense:
             from .dense_transport import set_sample_targets
 
             set_sample_targets(sample, _no_dense_targets(config, 0))
-        _update_meta(
-            sample,
-            stats=sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict()),
-            failed=False,
-            error=None,
-            evaluation=False,
-        )
+        _update_meta(sample, stats=stats, failed=False, error=None, evaluation=False, route=names,
+                     teachers={name: stats for name in names})
         return
     student = None
     try:
         student = _student_log_probs(sample, n, sid)
-        view = await asyncio.to_thread(_build_view, runtime, sample, n, sid)
+    except SampleError as exc:  # the sample itself is unusable: no teacher is asked, none is charged
+        if config.fallback == "error":
+            _raise_fatal(exc, sid)
+        _set_scores(runtime, sample, n, None, [_failed(name, w, exc, n, runtime) for name, w in route], matched, {})
+        return
+    scored = await asyncio.gather(
+        *(_score_with(runtime, runtime.teachers[name], w, sample, n, sid, student) for name, w in route)
+    )
+    _set_scores(runtime, sample, n, student, list(scored), matched, {s.name: s.stats for s in scored})
+
+
+async def _score_with(
+    runtime: _Runtime, teacher: _Teacher, weight: float, sample: Any, n: int, sid: str, student: np.ndarray
+) -> _Scored:
+    """One teacher's values for one sample; a failure becomes a :class:`_Scored` with its error (or raises with
+    ``xvocab_fallback: error``, and for configuration errors)."""
+    name = teacher.spec.name
+    try:
+        view = await asyncio.to_thread(_build_view, runtime.config, teacher, sample, n, sid)
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
-            scores = await runtime.client.score(view.input_ids, view.response_start)
-            _check_temperature(runtime, scores)
-            teacher, top = scores.log_probs, scores.top_log_probs
+            scores = await teacher.client.score(view.input_ids, view.response_start)
+            _check_temperature(teacher, scores)
+            values, top = scores.log_probs, scores.top_log_probs
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
-            teacher, top = np.zeros(0, dtype=np.float32), None
-        credit = await asyncio.to_thread(_credit, runtime, view, teacher, top, student)
-        values, scored = credit.values, credit.scored
-        dense = await asyncio.to_thread(_dense_targets, runtime, view, teacher, top, n) if config.dense else None
-        if not np.isfinite(values).all():
-            k = int(np.flatnonzero(~np.isfinite(values))[0])
-            raise NonFiniteCreditError(
-                f"teacher_log_probs[{k}] came out {values[k]!r} (credit_mode={runtime.config.credit_mode}); the "
-                "sample keeps the student's log-probs. Please report it with the sample's text."
-            )
-        alignment_stats = view.alignment.stats()
-        stats = sample_stats(
-            alignment_stats.as_dict(),
-            signal_tokens=int(scored.sum()),
-            top_k_mass=credit.top_mass,
-            clamped_tokens=credit.clamped,
-            dense=dense.stats() if dense is not None else None,
-            latency_s=latency,
-            attempts=attempts,
-            eot_mapped=view.eot_mapped,
-            exact_bytes=view.exact_bytes,
-            teacher_truncated_tokens=view.teacher_truncated_tokens,
-        )
-        error = None
+            values, top = np.zeros(0, dtype=np.float32), None
+        credit = await asyncio.to_thread(_credit, runtime, teacher, view, values, top, student)
+        _check_finite(credit.values, runtime.config.credit_mode, name if len(runtime.teachers) > 1 else None)
+        dense = None
+        if runtime.config.dense:
+            dense = await asyncio.to_thread(_dense_targets, runtime, teacher, view, values, top, n)
     except ConfigError:
         raise  # a configuration problem is one start-up error, not a fallback per sample
     except Exception as exc:  # every other failure is a counted fallback with its reason
-        if config.fallback == "error":
-            if isinstance(exc, (TeacherError, SampleError)):
-                raise type(exc)(
-                    f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
-                    "student to train on with the student's own log-probs for such samples)"
-                ) from exc
-            raise
-        if isinstance(exc, NonFiniteCreditError):
-            reason = Unaligned.NON_FINITE
-        elif isinstance(exc, ByteMismatchError):
-            reason = Unaligned.BYTE_MISMATCH
-        elif isinstance(exc, SampleError):
-            reason = Unaligned.INVALID_SAMPLE
-        else:
-            reason = Unaligned.TEACHER_FAILED
-        # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
-        values = student if student is not None else np.zeros(n)
-        scored = np.zeros(n, dtype=bool)
-        dense = _no_dense_targets(config, n)
-        stats = sample_stats(
-            Alignment.unaligned(n, reason).stats().as_dict(),
-            failed=True,
-            latency_s=getattr(exc, "latency_s", 0.0),
-            attempts=getattr(exc, "attempts", 0),
-            failure=failure_reason(exc),
-            dense=dense.stats() if dense is not None else None,
+        if runtime.config.fallback == "error":
+            _raise_fatal(exc, sid)
+        return _failed(name, weight, exc, n, runtime)
+    stats = sample_stats(
+        view.alignment.stats().as_dict(),
+        signal_tokens=int(credit.scored.sum()),
+        top_k_mass=credit.top_mass,
+        clamped_tokens=credit.clamped,
+        latency_s=latency,
+        attempts=attempts,
+        eot_mapped=view.eot_mapped,
+        exact_bytes=view.exact_bytes,
+        teacher_truncated_tokens=view.teacher_truncated_tokens,
+        dense=dense.stats() if dense is not None else None,
+    )
+    return _Scored(name, weight, credit, stats, dense=dense)
+
+
+def _check_finite(values: np.ndarray, credit_mode: str, teacher: str | None) -> None:
+    if not np.isfinite(values).all():
+        k = int(np.flatnonzero(~np.isfinite(values))[0])
+        whose = f"teacher {teacher!r}, " if teacher else ""
+        raise NonFiniteCreditError(
+            f"teacher_log_probs[{k}] came out {values[k]!r} ({whose}credit_mode={credit_mode}); the sample keeps "
+            "the student's log-probs. Please report it with the sample's text."
         )
-        error = f"{type(exc).__name__}: {redact_text(str(exc), (config.api_key,))}"
-        runtime.failures_logged += 1
-        if runtime.failures_logged <= _LOG_FIRST_FAILURES or runtime.failures_logged % 100 == 0:
-            logger.warning(
-                "slime-xvocab: sample %s falls back to the student's log-probs (failure #%d): %s",
-                sid,
-                runtime.failures_logged,
-                error,
-                exc_info=not isinstance(exc, XVocabError),  # an unexpected exception: keep its traceback
+
+
+def _raise_fatal(exc: Exception, sid: str) -> None:
+    """``xvocab_fallback: error``: stop training with the sample named."""
+    if isinstance(exc, (TeacherError, SampleError)):
+        raise type(exc)(
+            f"sample {sid}: {exc}\n(xvocab_fallback=error stops training; set xvocab_fallback: "
+            "student to train on with the student's own log-probs for such samples)"
+        ) from exc
+    raise exc
+
+
+def _failed(name: str, weight: float, exc: BaseException, n: int, runtime: _Runtime) -> _Scored:
+    """A teacher's failure on one sample: unaligned stats by reason, the redacted error (not yet logged)."""
+    if isinstance(exc, NonFiniteCreditError):
+        reason = Unaligned.NON_FINITE
+    elif isinstance(exc, ByteMismatchError):
+        reason = Unaligned.BYTE_MISMATCH
+    elif isinstance(exc, SampleError):
+        reason = Unaligned.INVALID_SAMPLE
+    else:
+        reason = Unaligned.TEACHER_FAILED
+    dense = _no_dense_targets(runtime.config, n)
+    stats = sample_stats(
+        Alignment.unaligned(n, reason).stats().as_dict(),
+        failed=True,
+        latency_s=getattr(exc, "latency_s", 0.0),
+        attempts=getattr(exc, "attempts", 0),
+        failure=failure_reason(exc),
+        dense=dense.stats() if dense is not None else None,
+    )
+    teacher = runtime.teachers.get(name)
+    secret = (teacher.spec.api_key,) if teacher is not None else ()
+    where = f" (teacher {name!r})" if len(runtime.teachers) > 1 else ""
+    return _Scored(name, weight, None, stats, f"{type(exc).__name__}: {redact_text(str(exc), secret)}{where}", exc)
+
+
+def _set_scores(
+    runtime: _Runtime,
+    sample: Any,
+    n: int,
+    student: np.ndarray | None,
+    scored: list[_Scored],
+    matched: bool,
+    per_teacher: dict,
+) -> None:
+    """Mix the teachers that answered, or fall back when none did; write values, mask and metadata."""
+    ok = [s for s in scored if s.credit is not None]
+    for s in scored:
+        if s.credit is None:
+            _log_failure(runtime, sample, s, fallback=not ok)
+    if ok:
+        if len(ok) == 1:  # one teacher (or only one answered): its values as they are
+            values, mask = ok[0].credit.values, ok[0].credit.scored
+        else:
+            values, mask = mix_log_probs(
+                [s.credit.values for s in ok], [s.credit.scored for s in ok], [s.weight for s in ok], student
             )
+        stats, error = _overall_stats(ok, scored, int(mask.sum())), None
+    else:  # rollout_log_probs itself may be what is wrong: then zeros, as post_process_rewards fills them.
+        values = student if student is not None else np.zeros(n)
+        mask = np.zeros(n, dtype=bool)
+        stats, error = dict(scored[0].stats), scored[0].error
+    stats["unrouted"] = float(not matched)
     sample.teacher_log_probs = _to_tensor(values)
-    if config.unscored == "mask":
-        _mask_unscored(sample, scored)
-    if dense is not None:
+    if runtime.config.unscored == "mask":
+        _mask_unscored(sample, mask)
+    _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False,
+                 route=[s.name for s in scored], teachers=per_teacher)
+    if runtime.config.dense:  # one teacher (dense takes one): its targets, or none anywhere on a fallback
         from .dense_transport import set_sample_targets
 
+        dense = ok[0].dense if ok and ok[0].dense is not None else _no_dense_targets(runtime.config, n)
         set_sample_targets(sample, dense)
-    _update_meta(sample, stats=stats, failed=error is not None, error=error, evaluation=False)
 
 
-def _check_temperature(runtime: _Runtime, scores: Any) -> None:
+def _overall_stats(ok: list[_Scored], scored: list[_Scored], signal_tokens: int) -> dict:
+    """A sample's overall stats. One teacher: its own. Several: the heaviest answering teacher's alignment
+    numbers, the mixture's signal tokens, the slowest answering teacher's latency, every teacher's retries."""
+    stats = dict(max(ok, key=lambda s: s.weight).stats)
+    if len(scored) == 1:
+        return stats
+    stats["signal_tokens"] = float(signal_tokens)
+    stats["latency_s"] = max(s.stats["latency_s"] for s in ok)
+    retries = sum(max(s.stats["attempts"] - 1.0, 0.0) for s in scored)
+    stats["attempts"] = 1.0 + retries if any(s.stats["attempts"] for s in scored) else 0.0
+    return stats
+
+
+def _log_failure(runtime: _Runtime, sample: Any, scored: _Scored, *, fallback: bool) -> None:
+    runtime.failures_logged += 1
+    count = runtime.failures_logged
+    if count <= _LOG_FIRST_FAILURES or count % 100 == 0:
+        logger.warning(
+            "slime-xvocab: sample %s %s (failure #%d): %s",
+            _sample_id(sample),
+            "falls back to the student's log-probs" if fallback else f"is scored without teacher {scored.name!r}",
+            count,
+            scored.error,
+            exc_info=scored.exc if not isinstance(scored.exc, XVocabError) else None,  # unexpected: keep traceback
+        )
+
+
+def _check_temperature(teacher: _Teacher, scores: Any) -> None:
     """On the first answer: warn once when the teacher did not apply the requested input-logprob temperature.
 
     A server without sglang#36213 (or a router that drops the field) ignores ``input_logprob_temperature`` and
     answers at T = 1; training goes on with those values.
     """
-    if runtime.temperature_checked:
+    if teacher.temperature_checked:
         return
-    runtime.temperature_checked = True
-    requested, applied = runtime.client.temperature, getattr(scores, "temperature", 1.0)
+    teacher.temperature_checked = True
+    requested, applied = teacher.client.temperature, getattr(scores, "temperature", 1.0)
     if abs(applied - requested) > 1e-6 * requested:
         logger.warning(
             "slime-xvocab: asked the teacher at %s for log-probs at temperature %g (input_logprob_temperature) "
@@ -602,33 +773,34 @@ def _mask_unscored(sample: Any, scored: np.ndarray) -> None:
     sample.loss_mask = [int(m) if ok else 0 for m, ok in zip(mask, np.asarray(scored, dtype=bool))]
 
 
-def _credit(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, student: np.ndarray) -> CreditResult:
-    """One teacher value per student position, by the configured credit mode."""
+def _credit(
+    runtime: _Runtime, teacher: _Teacher, view: _View, values: np.ndarray, top: Any, student: np.ndarray
+) -> CreditResult:
+    """One value of ``teacher`` per student position, by the configured credit mode."""
     config = runtime.config
-    if runtime.extensions is not None and view.source is not None:
-        return student_token_credit(
-            view.source, teacher, top, student, runtime.extensions, runtime.builder.teacher_table
-        )
-    exact = runtime.builder.same_tokenizer or config.credit_mode == "exact"
-    values = assign_credit(view.alignment, teacher, student, mode="exact" if exact else "chunk",
+    if teacher.extensions is not None and view.source is not None:
+        table = teacher.builder.teacher_table
+        return student_token_credit(view.source, values, top, student, teacher.extensions, table)
+    exact = teacher.builder.same_tokenizer or config.credit_mode == "exact"
+    values = assign_credit(view.alignment, values, student, mode="exact" if exact else "chunk",
                            split=config.chunk_split)
     scored = view.alignment.one_to_one() if exact else view.alignment.student_chunk >= 0
     return CreditResult(values, scored)
 
 
-def _dense_targets(runtime: _Runtime, view: _View, teacher: np.ndarray, top: Any, n: int) -> Any:
+def _dense_targets(runtime: _Runtime, teacher: _Teacher, view: _View, values: np.ndarray, top: Any, n: int) -> Any:
     """``xvocab_dense``: the sample's :class:`~slime_xvocab.dense.DenseTargets` (checked: finite, right shape)."""
     from .dense import dense_targets, identity_dense_targets
 
     config = runtime.config
-    if runtime.dense is None or view.source is None:  # one tokenizer: the teacher's top-k are student ids
+    if teacher.dense is None or view.source is None:  # one tokenizer: the teacher's top-k are student ids
         targets = identity_dense_targets(top, n, top_k=config.dense_top_k, scored=view.alignment.num_chunks)
     else:
-        projection, extensions = runtime.dense
-        builder = runtime.builder
+        projection, extensions = teacher.dense
+        builder = teacher.builder
         end_ids = sorted(builder.student_end_ids)
         targets = dense_targets(
-            view.source, teacher, top, projection, extensions, builder.teacher_table, top_k=config.dense_top_k,
+            view.source, values, top, projection, extensions, builder.teacher_table, top_k=config.dense_top_k,
             teacher_end_ids=builder.teacher_eot_ids, student_end_id=end_ids[0] if end_ids else None,
         )
     try:
@@ -716,7 +888,8 @@ def _check_remote_rm(args: Any, rm_type: str, config: XVocabConfig) -> None:
     if rm_type != "remote_rm":
         return
     rm_url = getattr(args, "rm_url", None)
-    if rm_url and any(u.strip() in config.teacher_urls for u in str(rm_url).split(",")):
+    teacher_urls = {u for t in config.teachers for u in t.urls}
+    if rm_url and any(u.strip() in teacher_urls for u in str(rm_url).split(",")):
         raise ConfigError(
             f"rm_type 'remote_rm' posts rewards to --rm-url ({rm_url}), which is the teacher server here "
             "(xvocab_teacher_urls defaults to --rm-url). Set xvocab_teacher_urls to the teacher and --rm-url "
@@ -859,11 +1032,49 @@ def post_process_rewards(args: Any, samples: list) -> tuple[list[float], list[fl
 
         collect(flat)
     metrics = compute_post_process_metrics(len(flat), len(fallbacks))
+    per_teacher = _teacher_failures(flat) if len(config.teachers) > 1 else {}
+    for name, (routed, failed) in per_teacher.items():
+        for key, value in compute_post_process_metrics(routed, failed).items():
+            metrics[f"teacher/{name}/{key}"] = value
     _log_metrics(args, _rollout_id(flat), metrics, what="post-process")
     if flat and metrics["failed_fraction"] > config.max_failed_fraction:
         raise _too_many_failures(config, flat, fallbacks)
+    for spec in config.teachers:
+        routed, failed = per_teacher.get(spec.name, (0, 0))
+        if routed and failed / routed > spec.max_failed_fraction:
+            raise _teacher_failed_too_often(spec, routed, failed, flat)
     raw = [_reward_value(args, s) for s in flat]
     return raw, normalize_group_rewards(args, raw)
+
+
+def _teacher_failures(flat: list) -> dict[str, tuple[int, int]]:
+    """Per teacher: ``(samples routed to it, samples it failed to score)`` of the training samples."""
+    out: dict[str, tuple[int, int]] = {}
+    for entry in map(_meta, flat):
+        if entry.get("evaluation"):
+            continue
+        for name, stats in (entry.get("teachers") or {}).items():
+            routed, failed = out.get(name, (0, 0))
+            out[name] = (routed + 1, failed + int(bool(stats.get("failed"))))
+    return out
+
+
+def _teacher_failed_too_often(spec: TeacherConfig, routed: int, failed: int, flat: list) -> TeacherError:
+    errors = [
+        e["error"] for e in map(_meta, flat) if (e.get("teachers") or {}).get(spec.name, {}).get("failed")
+        and e.get("error")
+    ]
+    reasons = Counter(
+        k[len("failed/"):] for e in map(_meta, flat) for k in (e.get("teachers") or {}).get(spec.name, {})
+        if k.startswith("failed/")
+    )
+    return TeacherError(
+        f"teacher {spec.name!r} could not score {failed} of the {routed} samples routed to it (> its "
+        f"max_failed_fraction={spec.max_failed_fraction}); by cause: {dict(reasons)}. Check it at "
+        f"{', '.join(map(redact_url, spec.urls))} (curl <url>/health_generate)"
+        + (f"; first error: {errors[0][:300]}" if errors else "")
+        + ", or raise its max_failed_fraction in xvocab_teachers (1.0 never stops)."
+    )
 
 
 def _too_many_failures(config: XVocabConfig, flat: list, fallbacks: list) -> XVocabError:
@@ -875,7 +1086,7 @@ def _too_many_failures(config: XVocabConfig, flat: list, fallbacks: list) -> XVo
         f"{len(fallbacks)} of {len(flat)} samples could not be scored by the teacher "
         f"(> xvocab_max_failed_fraction={config.max_failed_fraction}); by cause: {dict(reasons)}. "
         "First ones:\n"
-        f"{examples}\nCheck the teacher at {', '.join(map(redact_url, config.teacher_urls))} "
+        f"{examples}\nCheck the teacher at {', '.join(redact_url(u) for t in config.teachers for u in t.urls)} "
         "(curl <url>/health_generate), "
         "the messages in sample.metadata, or raise xvocab_max_failed_fraction (1.0 never stops)."
     )
@@ -971,11 +1182,30 @@ def log_rollout_data(
         False: slime's default rollout logging runs as well.
     """
     flat = _flatten(samples)
-    stats = [e["stats"] for e in map(_meta, flat) if "stats" in e and not e.get("evaluation")]
+    entries = [e for e in map(_meta, flat) if "stats" in e and not e.get("evaluation")]
     runtime = _cached(_RUNTIMES, args)
-    client_stats = None
+    client_stats: dict[str, dict] = {}
     if runtime is not None:
-        client_stats = runtime.client.stats()
-        runtime.client.reset_stats()
-    _log_metrics(args, rollout_id, compute_rollout_metrics(stats, client_stats), what="rollout")
+        for name, teacher in runtime.teachers.items():
+            client_stats[name] = teacher.client.stats()
+            teacher.client.reset_stats()
+    total = _sum_stats(client_stats.values()) if client_stats else None
+    metrics = compute_rollout_metrics([e["stats"] for e in entries], total)
+    if runtime is not None and len(runtime.teachers) > 1:
+        per_teacher: dict[str, list] = {name: [] for name in runtime.teachers}
+        for e in entries:
+            for name, stats in (e.get("teachers") or {}).items():
+                per_teacher.setdefault(name, []).append(stats)
+        metrics.update(compute_teacher_metrics(per_teacher, client_stats))
+    _log_metrics(args, rollout_id, metrics, what="rollout")
     return False
+
+
+def _sum_stats(stats: Any) -> dict[str, float]:
+    """Key-wise sum of several clients' counters (their latency percentiles do not add up: left out)."""
+    out: dict[str, float] = {}
+    for one in stats:
+        for key, value in one.items():
+            if isinstance(value, (int, float)) and not key.startswith("latency_"):  # counters only
+                out[key] = out.get(key, 0.0) + float(value)
+    return out

@@ -42,6 +42,7 @@ __all__ = [
     "sample_stats",
     "compute_rollout_metrics",
     "compute_post_process_metrics",
+    "compute_teacher_metrics",
 ]
 
 #: Why a sample could not be scored, most specific class first (``failures/<reason>``).
@@ -102,6 +103,12 @@ METRICS: dict[str, str] = {
     "dense_tail_mass": "xvocab_dense: mean teacher probability in the tail bucket per target position "
     "(1 - dense_listed_mass): raise xvocab_top_k / xvocab_dense_top_k when it is high",
     "failed_fraction": "fallback_samples / samples; training stops above xvocab_max_failed_fraction",
+    "unrouted_samples": "samples whose xvocab_teacher_route_key value (or its absence) matched no route: they went "
+    "to xvocab_default_teacher",
+    "teacher/<teacher>/<key>": "with several teachers (xvocab_teachers), every key above for one teacher over the "
+    "samples routed to it (its share of a mixture included): its own alignment, coverage, latency and failures, "
+    "its own client's requests and attempt failures; teacher/<teacher>/fallback_samples and failed_fraction count "
+    "the samples that teacher failed to score (training stops above its max_failed_fraction)",
 }
 
 
@@ -226,6 +233,7 @@ def compute_rollout_metrics(
     mass = col("top_k_mass")[scored]
     out["top_k_mass"] = float(np.average(mass, weights=student[scored] + 1e-12)) if scored.any() else 1.0
     out["clamped_tokens"] = float(col("clamped_tokens").sum())
+    out["unrouted_samples"] = float(col("unrouted").sum())
     for key in sorted({k for s in per_sample_stats for k in s if k.startswith("failed/")}):
         out["failures/" + key[len("failed/") :]] = float(col(key).sum())
     if any("dense_positions" in s for s in per_sample_stats):
@@ -251,3 +259,24 @@ def compute_post_process_metrics(n_samples: int, n_fallback: int) -> dict[str, f
         "fallback_samples": float(n_fallback),
         "failed_fraction": float(n_fallback / n_samples) if n_samples else 0.0,
     }
+
+
+def compute_teacher_metrics(
+    per_teacher_stats: Mapping[str, Sequence[Mapping[str, float]]],
+    client_stats: Mapping[str, Mapping[str, float] | None],
+) -> dict[str, float]:
+    """:func:`compute_rollout_metrics` for each teacher, keyed ``teacher/<name>/<key>``.
+
+    Args:
+        per_teacher_stats: per teacher name, the :func:`sample_stats` of its part of each sample routed to it.
+        client_stats: per teacher name, its client's counters since the previous rollout (or None).
+
+    Returns:
+        The flat dict; a teacher with no samples still reports ``samples`` = 0 and its client's counters.
+    """
+    out: dict[str, float] = {}
+    for name in dict.fromkeys([*per_teacher_stats, *client_stats]):
+        metrics = compute_rollout_metrics(per_teacher_stats.get(name, ()), client_stats.get(name))
+        metrics.pop("unrouted_samples", None)  # routing is per sample, not per teacher
+        out.update({f"teacher/{name}/{key}": value for key, value in metrics.items()})
+    return out

@@ -54,6 +54,21 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text!r} ({exc})") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text!r}")
+    return value
+
+
+def _route(text: str) -> str | dict:
+    """A teacher name, or a JSON object ``{name: weight}``."""
+    return _json_object(text) if text.strip().startswith("{") else text
+
+
 _TYPES: dict[str, Callable[[str], Any]] = {
     "str": str,
     "opt_str": str,
@@ -65,6 +80,8 @@ _TYPES: dict[str, Callable[[str], Any]] = {
     "float": float,
     "opt_float": float,
     "bool": _bool,
+    "teachers": _json_list,
+    "route": _route,
 }
 
 

@@ -513,3 +513,19 @@ def test_tokenizer_specs_like_the_hooks(capsys, tmp_path):
     capsys.readouterr()
     assert cli_main(["--student", "/no/such/dir", "--teacher", "qwen3", "--data", str(good)]) == 2
     assert "hub id" in capsys.readouterr().err
+
+
+def test_several_teachers_print_each_pair(capsys, data):
+    code, r = run_json(capsys, "--student", "qwen3", "--teacher", "llama3_1", "--teacher", "gemma3", "--data", data,
+                       "--n", "3")
+    assert code == 0 and list(r["teachers"]) == ["llama3_1", "gemma3"] and r["exit_code"] == 0
+    for report in r["teachers"].values():
+        assert report["samples"] == 3 and report["covered_fraction"] > 0.9
+    assert r["teachers"]["gemma3"]["end_of_turn"]["teacher"] == "<end_of_turn>"
+    code = cli_main(["--student", "qwen3", "--teacher", "llama3_1", "--teacher", "gemma3", "--data", str(data),
+                     "--n", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "teacher llama3_1" in out and "teacher gemma3" in out
+    assert cli_main(["--student", "qwen3", "--teacher", "llama3_1", "--teacher", "gemma3", "--data", str(data),
+                     "--teacher-url", "http://127.0.0.1:1"]) == 2  # one URL per teacher
+    assert "one URL per teacher" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import re
 import warnings
@@ -199,7 +200,8 @@ def test_example_yaml_files_are_valid_and_comment_every_key():
         args = make_args(hf_checkpoint="/models/student")
         for key, value in data.items():
             setattr(args, key, value)
-        XVocabConfig.from_args(args, environ={})  # raises if any key is wrong
+        keys = {t["api_key_env"]: "sk-test" for t in data.get("xvocab_teachers") or [] if "api_key_env" in t}
+        XVocabConfig.from_args(args, environ=keys)  # raises if any key is wrong
         lines = path.read_text().splitlines()
         key_line = re.compile(r"(# )?xvocab_\w+:")
         for i, line in enumerate(lines):
@@ -276,3 +278,112 @@ def test_dense_distillation_does_not_need_slimes_opd_flag():
     with pytest.raises(ConfigError, match="use-opd"):
         XVocabConfig.from_args(make_args(hf_checkpoint="/s", xvocab_teacher_tokenizer="/t",
                                          xvocab_teacher_urls="http://t:1", use_opd=False), environ={})
+
+
+# ---------------------------------------------------------------------------------------------- several teachers
+
+TEACHERS = [
+    {"name": "math", "tokenizer": "/models/math", "urls": "http://127.0.0.1:30001", "max_teacher_tokens": 4096},
+    {"name": "chat", "tokenizer": "/models/chat", "urls": ["http://127.0.0.1:30002", "http://127.0.0.1:30003"],
+     "api_key_env": "CHAT_KEY", "top_k": 8, "max_failed_fraction": 0.5},
+]
+MULTI = {"xvocab_teacher_tokenizer": None, "xvocab_teacher_urls": None, "xvocab_teachers": TEACHERS,
+         "xvocab_teacher_route_key": "source"}
+
+
+def multi(environ=None, **overrides):
+    return build(environ=environ if environ is not None else {"CHAT_KEY": "sk-chat-123"}, **{**MULTI, **overrides})
+
+
+def test_the_single_teacher_keys_are_one_teacher_named_default():
+    config = build()
+    (teacher,) = config.teachers
+    assert teacher.name == "default" and teacher.tokenizer == "/models/teacher"
+    assert teacher.urls == config.teacher_urls and config.default_teacher == (("default", 1.0),)
+    assert teacher.max_failed_fraction == config.max_failed_fraction and teacher.top_k == config.top_k
+
+
+def test_a_teacher_list_with_overrides_routes_and_keys_from_the_environment():
+    config = multi(xvocab_teacher_routes={"gsm8k": "math", 7: {"math": 1, "chat": 3}}, xvocab_timeout_s=9.0)
+    math, chat = config.teachers
+    assert math.max_teacher_tokens == 4096 and chat.max_teacher_tokens is None
+    assert chat.top_k == 8 and math.top_k == config.top_k and chat.max_failed_fraction == 0.5
+    assert math.timeout_s == chat.timeout_s == 9.0  # top-level settings are every teacher's default
+    assert chat.api_key == "sk-chat-123" and math.api_key is None
+    assert config.teacher_routes == {"gsm8k": (("math", 1.0),), "7": (("math", 0.25), ("chat", 0.75))}
+    assert config.default_teacher == (("math", 1.0),)  # the first teacher
+    assert "sk-chat-123" not in repr(config) and config.to_dict()["teachers"][1]["api_key"] == "***"
+    assert multi(xvocab_default_teacher={"chat": 1, "math": 1}).default_teacher == (("chat", 0.5), ("math", 0.5))
+
+
+def test_teachers_from_environment_json():
+    env = {"XVOCAB_TEACHERS": json.dumps(TEACHERS[:1]), "XVOCAB_TEACHER_ROUTES": '{"a": "math"}',
+           "XVOCAB_DEFAULT_TEACHER": "math"}
+    config = build(environ=env, xvocab_teacher_tokenizer=None, xvocab_teacher_urls=None,
+                   xvocab_teacher_route_key="source")
+    assert [t.name for t in config.teachers] == ["math"] and config.teacher_routes == {"a": (("math", 1.0),)}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"xvocab_teachers": [TEACHERS[0], {**TEACHERS[1], "name": "math"}]},
+         r"xvocab_teachers\[1\] \('math'\): duplicate teacher name 'math'"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "max_teacher_token": 10}]},
+         r"xvocab_teachers\[0\] \('math'\): unknown key 'max_teacher_token' \(did you mean 'max_teacher_tokens'\?\)"),
+        ({"xvocab_teachers": [{"name": "math", "urls": "http://127.0.0.1:1"}]},
+         r"xvocab_teachers\[0\] \('math'\): tokenizer is missing"),
+        ({"xvocab_teachers": [{"name": "math", "tokenizer": "/t"}]},
+         r"xvocab_teachers\[0\] \('math'\): urls is missing"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "urls": "ftp://x:1"}]}, r"xvocab_teachers\[0\] \('math'\): urls = "),
+        ({"xvocab_teachers": [{**TEACHERS[0], "top_k": 0}]},
+         r"xvocab_teachers\[0\] \('math'\): top_k = 0: must be >= 1"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "name": "my teacher"}]}, r"name must be 1-64 letters"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "name": None}]}, r"xvocab_teachers\[0\]: name must be"),
+        ({"xvocab_teachers": "math"}, r"xvocab_teachers = 'math': must be a list of teacher entries"),
+        ({"xvocab_teacher_routes": {"gsm8k": "maths"}},
+         r"xvocab_teacher_routes\['gsm8k'\]: 'maths' is not a configured teacher \(teachers: math, chat\)"),
+        ({"xvocab_teacher_routes": {"mix": {"math": -1}}}, r"weight of teacher 'math' must be a finite number > 0"),
+        ({"xvocab_teacher_routes": {"a": "math"}, "xvocab_teacher_route_key": None},
+         r"xvocab_teacher_routes is set but xvocab_teacher_route_key is not"),
+        ({"xvocab_default_teacher": "poetry"}, r"xvocab_default_teacher: 'poetry' is not a configured teacher"),
+        ({"xvocab_teacher_tokenizer": "/models/teacher"}, r"xvocab_teachers and xvocab_teacher_tokenizer are both set"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "api_key_env": "NOPE"}]},
+         r"api_key_env names 'NOPE', which is not set in this process's environment"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "api_key_env": "CHAT_KEY", "api_key": "x"}]},
+         r"api_key and api_key_env are both set"),
+        ({"xvocab_teachers": [{**TEACHERS[0], "max_failed_fraction": 2}]}, r"max_failed_fraction must be <= 1.0"),
+    ],
+)
+def test_teacher_list_errors_name_the_teacher_and_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        multi(**overrides)
+
+
+def test_a_teacher_api_key_is_never_echoed_and_the_top_level_key_is_not_inherited(recwarn):
+    with pytest.raises(ConfigError) as ei:
+        multi(xvocab_teachers=[{**TEACHERS[0], "api_key": 12345678}])
+    assert "12345678" not in str(ei.value)
+    config = multi(environ={"CHAT_KEY": "sk-chat-123", "XVOCAB_API_KEY": "sk-top"})
+    assert [t.api_key for t in config.teachers] == [None, "sk-chat-123"]
+    assert any("listed teachers never get the top-level key" in str(w.message) for w in recwarn)
+
+
+def test_teacher_flags_of_the_train_entry_point():
+    parser = add_xvocab_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(
+        ["--xvocab-teachers", json.dumps(TEACHERS[:1]), "--xvocab-teacher-route-key", "source",
+         "--xvocab-teacher-routes", '{"gsm8k": "math"}', "--xvocab-default-teacher", "math"]
+    )
+    config = XVocabConfig.from_args(make_args(hf_checkpoint="/models/student", **vars(ns)), environ={})
+    assert config.teachers[0].name == "math" and config.default_teacher == (("math", 1.0),)
+    ns = parser.parse_args(["--xvocab-default-teacher", '{"math": 1}'])
+    assert ns.xvocab_default_teacher == {"math": 1}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--xvocab-teachers", '{"name": "math"}'])  # a list, not one object
+
+
+def test_dense_distillation_takes_one_teacher():
+    with pytest.raises(ConfigError, match="xvocab_dense takes one teacher; 2 are configured"):
+        multi(xvocab_dense=True)
+    assert build(xvocab_dense=True).dense  # the single-teacher keys: one teacher, fine

@@ -677,10 +677,10 @@ def test_teacher_temperature_reaches_the_server_and_a_server_ignoring_it_is_warn
     class _Client:
         temperature = 0.5
 
-    runtime = hooks._Runtime(config=None, builder=None, client=_Client())
+    teacher = hooks._Teacher(spec=None, builder=None, client=_Client())
     ignored = type("Scores", (), {"temperature": 1.0, "url": "http://old-sglang/generate"})()
-    hooks._check_temperature(runtime, ignored)
-    hooks._check_temperature(runtime, ignored)
+    hooks._check_temperature(teacher, ignored)
+    hooks._check_temperature(teacher, ignored)
     (record,) = [
         r for r in caplog.records if r.name == "slime_xvocab.hooks" and "input_logprob_temperature" in r.getMessage()
     ]

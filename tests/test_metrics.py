@@ -109,3 +109,17 @@ def test_failures_by_reason_and_retries_of_failed_samples_count():
     assert m["teacher_failures"] == 2 and m["failures/teacher_unavailable"] == 1 and m["failures/teacher_timeout"] == 1
     assert m["teacher_attempt_failures/5xx"] == 4 and m["teacher_attempt_failures/timeout"] == 3
     assert m["teacher_attempt_failures/connection"] == 0
+
+
+def test_per_teacher_metrics_are_each_teachers_own():
+    from slime_xvocab.metrics import compute_teacher_metrics
+
+    a = align_spans(np.array([[0, 1], [1, 2]]), np.array([[0, 2]]))
+    ok = stats_of(a, latency_s=0.5, attempts=1)
+    failed = stats_of(Alignment.unaligned(2, Unaligned.TEACHER_FAILED), failed=True)
+    m = compute_teacher_metrics({"math": [ok], "chat": [failed]}, {"math": {"requests": 1}, "code": {"requests": 0}})
+    assert m["teacher/math/samples"] == 1 and m["teacher/math/teacher_latency_p50_s"] == pytest.approx(0.5)
+    assert m["teacher/chat/teacher_failures"] == 1 and m["teacher/chat/covered_fraction"] == 0.0
+    assert m["teacher/code/samples"] == 0 and m["teacher/code/teacher_requests"] == 0  # configured, unused
+    assert "teacher/math/unrouted_samples" not in m
+    assert all(isinstance(v, float) for v in m.values())
