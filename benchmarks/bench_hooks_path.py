@@ -93,7 +93,7 @@ class PairBench:
             sample = make_sample(Sample, prompt_ids=prompt, response_ids=response,
                                  rollout_log_probs=[-0.7] * len(response), metadata={"messages": messages},
                                  index=i, group_index=0)
-            view = hooks._build_view(self.runtime, sample, len(response), str(i))
+            view = hooks._build_view(self.runtime.config, self.runtime.first, sample, len(response), str(i))
             self.samples.append(sample)
             self.answers.append(teacher_answer(rng, view, freq_ids, counts / counts.sum()))
         self.tokens = sum(s.response_length for s in self.samples)
@@ -109,9 +109,9 @@ class PairBench:
         for sample, (lps, top) in zip(self.samples, self.answers):
             n = sample.response_length
             t0 = time.process_time()
-            view = hooks._build_view(self.runtime, sample, n, "0")
+            view = hooks._build_view(self.runtime.config, self.runtime.first, sample, n, "0")
             t1 = time.process_time()
-            credit = hooks._credit(self.runtime, view, lps, top, np.full(n, -0.7))
+            credit = hooks._credit(self.runtime, self.runtime.first, view, lps, top, np.full(n, -0.7))
             t2 = time.process_time()
             sample_stats(view.alignment.stats().as_dict(), signal_tokens=int(credit.scored.sum()),
                          top_k_mass=credit.top_mass, clamped_tokens=credit.clamped)
@@ -239,7 +239,8 @@ def stall_line(n_samples: int = 64) -> None:
             await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
             done = True
             await beat
-            await runtime.client.aclose()
+            for teacher in runtime.teachers.values():
+                await teacher.client.aclose()
             return worst
 
         worst = asyncio.run(run())
