@@ -52,7 +52,7 @@ class DemoConfig(OPDSettings):
 
     lo: int = 0
     hi: int = 49
-    n_eval: int = 128
+    n_eval: int = 500
     teacher_family: str = "llama3_1"
     student_family: str = "qwen3"
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
@@ -68,7 +68,9 @@ class DemoConfig(OPDSettings):
         d = asdict(self)
         keep = ["lo", "hi", "n_eval", "seed", f"{which}_family", f"{which}_size", f"{which}_steps", f"{which}_lr",
                 "sft_batch"] + (["student_frac"] if which == "student" else [])
-        return f"{which}-{settings_hash({k: d[k] for k in keep})}"
+        # "init" versions the starting point (models.deterministic_init): older caches were initialised by
+        # transformers and differ between its minor versions
+        return f"{which}-{settings_hash({'init': 'seeded-v1', **{k: d[k] for k in keep}})}"
 
 
 TINY = dict(
