@@ -114,3 +114,21 @@ def test_tiny_start_is_deterministic(tmp_path):
     assert not cached_a and not cached_b
     for (na, pa), (nb, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert na == nb and torch.equal(pa, pb), na
+
+
+def test_dense_targets_are_distributions_that_agree_with_the_sampled_token_values(pair):
+    student, _, exact = pair
+    s_digits = _digit_tokens(student)
+    resps = [student.tokenizer.encode(a, add_special_tokens=False) + [student.eot_id] for a in ("12", "7", "105")]
+    resps.append([s_digits["4"], s_digits["2"]])  # truncated; for a Llama-3 student a non-canonical split
+    dense = exact.dense_targets([MSGS] * len(resps), resps)
+    scores = exact.score([MSGS] * len(resps), resps)
+    for resp, d, sc in zip(resps, dense, scores):
+        assert d["positions"] == list(range(len(resp)))
+        for row, j in enumerate(d["positions"]):
+            q = d["logq"][row]
+            total = np.exp(q[~np.isnan(q)]).sum() + np.exp(d["log_tail"][row])
+            assert total == pytest.approx(1.0, abs=1e-6), (resp, j)
+            k = int(student.vocab.to_model([resp[j]])[0])
+            if np.isfinite(q[k]):
+                assert q[k] == pytest.approx(sc.values[j], abs=1e-5), (resp, j)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from slime_xvocab.demo import runner
 from slime_xvocab.demo.arms import ARMS
-from slime_xvocab.demo.opd import MODES, TINY, DemoConfig
+from slime_xvocab.demo.opd import MODES, TINY, DemoConfig, default_config
 
 __all__ = ["cli_main", "DemoConfig", "ARMS", "MODES"]
 
@@ -94,8 +94,7 @@ def cli_main(argv: list[str]) -> int:
         from slime_xvocab.demo.real import run_real
 
         return run_real(args, console)
-    teacher_family = "qwen3" if args.student == "llama3_1" else "llama3_1"
-    cfg = DemoConfig(seed=args.seed, student_family=args.student, teacher_family=teacher_family)
+    cfg = default_config(args.student, args.seed)
     if args.tiny:
         cfg = replace(cfg, **TINY)
     cfg = runner.with_cli_overrides(cfg, args)

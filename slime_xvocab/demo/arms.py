@@ -2,9 +2,13 @@
 
 Arms (names chosen not to clash with the plugin's settings):
 
-* ``ceiling``: the same OPD loss with the teacher's **exact** distribution in the student's tokens
-  (:mod:`slime_xvocab.demo.exact`, every teacher path, no top-k): OPD as if the teacher spoke the student's
-  tokenizer. Scored in-process.
+* ``ceiling``: what distillation gives when the teacher speaks the student's tokenizer: a dense reverse KL,
+  ``sum_y pi(y) (log pi(y) - log q(y))`` at every position the student visits, against the teacher's **exact**
+  distribution ``q`` over the student's next token (:mod:`slime_xvocab.demo.exact`: every teacher path, no
+  top-k). In-process. This is the headline's reference.
+* ``oracle_tok``: slime's sampled-token OPD with each sampled token valued exactly by the same teacher
+  distribution: same-tokenizer sampled-token OPD, the best any credit rule can feed slime's estimator.
+  In-process.
 * ``default``: the plugin's default credit (``xvocab_credit_mode: student_token``), through the plugin's real
   slime hooks and the reference teacher server on loopback (top-20, observed teacher tokenization).
 * ``uniform``: the plugin with ``xvocab_credit_mode: chunk, xvocab_chunk_split: uniform`` (a chunk's teacher
@@ -15,8 +19,9 @@ Arms (names chosen not to clash with the plugin's settings):
 * ``sft``: supervised fine-tuning on teacher samples (temperature 1, re-tokenized by the student): what people
   do across tokenizers today. In-process.
 
-Every OPD arm uses the same update (:func:`slime_xvocab.demo.opd.opd_update`: slime's per-token advantage
-``-(log pi_s - v)``, PPO clip, KL to the start); only the teacher value ``v`` differs. Evaluation is the same for
+Every sampled-token arm (``oracle_tok`` and the four through hooks) uses the same update
+(:func:`slime_xvocab.demo.opd.opd_update`: slime's per-token advantage ``-(log pi_s - v)``, PPO clip, KL to the
+start); only the teacher value ``v`` differs. Evaluation is the same for
 every arm and in-process: greedy accuracy on the held-out problems, and the exact teacher's log-prob of
 temperature-1 student answers (reverse KL per byte).
 """
@@ -39,11 +44,12 @@ from slime_xvocab.demo.opd import OPDSettings, opd_update, slime_args
 from slime_xvocab.demo.sample import make_samples
 from slime_xvocab.demo.task import is_correct
 
-ARMS = ("ceiling", "default", "uniform", "one_to_one", "naive", "sft")
+ARMS = ("ceiling", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft")
 # arm -> (plugin credit mode, chunk split) for the arms that go through the plugin's hooks; naive: stock hooks
 HOOK_ARMS = {"default": "student_token", "uniform": "chunk", "one_to_one": "exact", "naive": "naive"}
 ARM_LABELS = {
-    "ceiling": "exact teacher distribution in student tokens (in-process)",
+    "ceiling": "dense reverse KL to the exact teacher distribution in student tokens (in-process)",
+    "oracle_tok": "sampled-token OPD, each token valued by the exact teacher (in-process)",
     "default": "plugin default: credit_mode student_token (hooks + server)",
     "uniform": "plugin: credit_mode chunk, chunk_split uniform (hooks + server)",
     "one_to_one": "plugin: credit_mode exact, 1:1 tokens only (hooks + server)",
@@ -115,6 +121,64 @@ def covered_share(samples) -> float:
     flags = [~np.isclose(np.asarray(s.teacher_log_probs, dtype=np.float32),
                          np.asarray(s.rollout_log_probs, dtype=np.float32), atol=1e-6, rtol=0) for s in samples]
     return float(np.mean(np.concatenate(flags))) if flags else float("nan")
+
+
+def _response_log_softmax(lm: ChatLM, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-distribution over the model vocabulary ("other" excluded) at every response position: [B, R, V]."""
+    ids, att, pos, P, rmask = lm._batch(prompts, responses)
+    R = rmask.shape[1]
+    hidden = lm.model.get_decoder()(input_ids=ids, attention_mask=att, position_ids=pos).last_hidden_state
+    logits = lm.model.get_output_embeddings()(hidden[:, P - 1 : P + R - 1])[..., : lm.vocab.other].float()
+    return torch.log_softmax(logits, -1), rmask
+
+
+def dense_update(student: ChatLM, ref: ChatLM, opt, samples, targets: list[dict], cfg: OPDSettings,
+                 floor: float = -27.6) -> dict[str, float]:
+    """One step of dense reverse KL, ``sum_y pi(y) (log pi(y) - log q(y))`` at every visited position, against the
+    exact teacher distribution ``q`` in student tokens (digits and end of turn; the other tokens as one tail
+    bucket), plus the same KL to the start as the OPD arms; per-sample token mean, then the batch mean."""
+    from slime_xvocab.demo.sample import prompt_ids, response_ids
+
+    prompts = [prompt_ids(s) for s in samples]
+    resps = [response_ids(s) for s in samples]
+    student.model.train()
+    logp, _ = _response_log_softmax(student, prompts, resps)
+    B, R, V = logp.shape
+    logq = torch.full((B, R, V), float("nan"))
+    tail = torch.zeros(B, R)
+    mask = torch.zeros(B, R)
+    for i, t in enumerate(targets):
+        pos = t["positions"]
+        logq[i, pos] = torch.as_tensor(t["logq"], dtype=torch.float32)
+        tail[i, pos] = torch.as_tensor(t["log_tail"], dtype=torch.float32)
+        mask[i, pos] = 1.0
+    support = ~torch.isnan(logq)
+    logq = torch.nan_to_num(logq, nan=0.0).clamp(min=floor)
+    tail = tail.clamp(min=floor)
+    pi = logp.exp()
+    kl_support = (pi * (logp - logq) * support).sum(-1)
+    pi_tail = (pi * ~support).sum(-1)
+    log_pi_tail = torch.log(pi_tail.clamp(min=1e-30))
+    kl = kl_support + pi_tail * (log_pi_tail - tail)
+    # KL to the starting policy on the sampled tokens (k3), as in the OPD arms
+    idx = torch.from_numpy(np.stack([np.pad(student.vocab.to_model(r), (0, R - len(r))) for r in resps])).long()
+    idx = idx.clamp(max=V - 1)
+    new = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        ref_lp, _ = ref.response_logprobs(prompts, resps)
+    d = ref_lp - new
+    k3 = torch.exp(d) - d - 1
+    per_tok = kl + cfg.kl_to_start_coef * k3
+    denom = mask.sum(-1).clamp(min=1)
+    loss = ((per_tok * mask).sum(-1) / denom).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+    opt.step()
+    student.model.eval()
+    tok = mask.sum().clamp(min=1)
+    return {"loss": float(loss.detach()), "dense_reverse_kl": float((kl.detach() * mask).sum() / tok),
+            "kl_to_start": float((k3.detach() * mask).sum() / tok)}
 
 
 def sft_update(student: ChatLM, opt, examples, clip: float = 1.0) -> dict[str, float]:
@@ -197,11 +261,20 @@ def run_arm(arm: str, seed: int, run: ArmRun, log: Callable[[str], None] = print
                                        start_index=step * cfg.opd_batch)
                 samples = [s for s in samples if s.response_length > 0]
                 if arm == "ceiling":
-                    _exact_values(run.exact, samples)
+                    from slime_xvocab.demo.sample import response_ids
+
+                    targets = run.exact.dense_targets([s.metadata["messages"] for s in samples],
+                                                      [response_ids(s) for s in samples])
+                    cover.append(sum(len(t["positions"]) for t in targets)
+                                 / max(1, sum(s.response_length for s in samples)))
+                    last = dense_update(student, ref, opt, samples, targets, cfg)
                 else:
-                    scoring.score_samples(run.args, samples, loop)
-                cover.append(covered_share(samples))
-                last = {k: v for k, v in opd_update(student, ref, opt, samples, cfg).items() if k != "coverage"}
+                    if arm == "oracle_tok":
+                        _exact_values(run.exact, samples)
+                    else:
+                        scoring.score_samples(run.args, samples, loop)
+                    cover.append(covered_share(samples))
+                    last = {k: v for k, v in opd_update(student, ref, opt, samples, cfg).items() if k != "coverage"}
             sched.step()
     finally:
         if run.args is not None:

@@ -74,8 +74,10 @@ class ExactTeacher:
         batch: contexts per teacher forward.
     """
 
-    def __init__(self, teacher: ChatLM, student: ChatLM, batch: int = 512) -> None:
+    def __init__(self, teacher: ChatLM, student: ChatLM, batch: int = 512, cache_size: int = 300_000) -> None:
         self.teacher, self.student, self.batch = teacher, student, batch
+        self._cache: dict[tuple, np.ndarray] = {}
+        self.cache_size = cache_size
         tv, tt = teacher.vocab, teacher.tokenizer
         self.t_num: dict[str, int] = {}  # number string -> teacher model index
         for k, real in enumerate(tv.real_ids.tolist()):
@@ -107,15 +109,25 @@ class ExactTeacher:
 
     @torch.no_grad()
     def _next_logprobs(self, contexts: list[list[int]]) -> np.ndarray:
-        """Teacher log-distribution (compact indices, "other" excluded) after each context of real ids."""
+        """Teacher log-distribution (compact indices, "other" excluded) after each context of real ids.
+
+        Results are cached per context: the dense targets of a prompt's first position need ~100 contexts
+        (every one- and two-digit continuation), and prompts come back across steps, arms and seeds.
+        """
         lm = self.teacher
-        out = []
-        for s in range(0, len(contexts), self.batch):
-            chunk = contexts[s : s + self.batch]
+        keys = [tuple(c) for c in contexts]
+        todo = list(dict.fromkeys(k for k in keys if k not in self._cache))
+        if len(self._cache) + len(todo) > self.cache_size:
+            self._cache.clear()
+        for s in range(0, len(todo), self.batch):
+            chunk = [list(k) for k in todo[s : s + self.batch]]
             ids, att, pos, _, _ = lm._batch(chunk, [[] for _ in chunk])
             logits = lm.model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
-            out.append(torch.log_softmax(logits[:, : lm.vocab.other].double(), -1).numpy())
-        return np.concatenate(out) if out else np.zeros((0, lm.vocab.other))
+            dist = torch.log_softmax(logits[:, : lm.vocab.other].double(), -1).float().numpy()
+            self._cache.update(zip(todo[s : s + self.batch], dist))
+        if not keys:
+            return np.zeros((0, lm.vocab.other))
+        return np.stack([self._cache[k] for k in keys]).astype(np.float64)
 
     # ---------------------------------------------------------------------------------------------- main
     def score(self, messages: Sequence[list[dict]], responses: Sequence[Sequence[int]]) -> list[ExactScore]:
@@ -194,3 +206,132 @@ class ExactTeacher:
         text = self.student.decode_response(resp)
         n_bytes = len(text.encode()) + int(ended)
         return ExactScore(values=values, text_logprob=text_lp, n_bytes=n_bytes, off_format=off)
+
+    # --------------------------------------------------------------------------------------- dense targets
+    def _support(self) -> list[tuple[int, str, bool]]:
+        """The student's digit tokens as (model index, digits, extendable by one more digit)."""
+        if not hasattr(self, "_support_cache"):
+            sup = []
+            for k, real in enumerate(self.student.vocab.real_ids.tolist()):
+                piece = self._student_piece(int(real))
+                if piece is not None:
+                    sup.append((k, piece, self._s_extendable[int(real)]))
+            self._support_cache = sup
+        return self._support_cache
+
+    def _plan_marginals(self, prompt: list[int], targets: set[str], need_de: set[str], contexts: list) -> dict:
+        """Teacher paths (number tokens) spelling a prefix of any target; their contexts are appended."""
+        prefixes = {t[:i] for t in targets for i in range(len(t) + 1)}
+        nodes = [(-1, -1, "")]
+        i = 0
+        while i < len(nodes):
+            w = nodes[i][2]
+            for width in range(1, _MAX_TEACHER_DIGITS + 1):
+                for piece in self._pieces_after(w, width, prefixes):
+                    nodes.append((i, self.t_num[piece], w + piece))
+            i += 1
+        has_child = {w[:-1] for w in prefixes if w}
+        need = [n[2] in has_child or n[2] in need_de for n in nodes]
+        paths: list[list[int]] = []
+        real = self.teacher.vocab.real_ids
+        ctx_index = []
+        for parent, tok, _ in nodes:
+            paths.append([] if parent < 0 else paths[parent] + [tok])
+        for i, p in enumerate(paths):
+            if need[i]:
+                ctx_index.append(len(contexts))
+                contexts.append(prompt + [int(real[t]) for t in p])
+            else:
+                ctx_index.append(-1)
+        return {"nodes": nodes, "ctx": ctx_index, "targets": targets, "need_de": need_de}
+
+    def _pieces_after(self, w: str, width: int, prefixes: set[str]):
+        # every digit string of this width that keeps w + piece inside the prefix set and is a teacher token
+        frontier = [""]
+        for _ in range(width):
+            frontier = [f + c for f in frontier for c in "0123456789" if w + f + c in prefixes]
+        return [f for f in frontier if f in self.t_num]
+
+    def _marginals(self, plan: dict, dists: np.ndarray) -> dict[str, tuple[float, float, float]]:
+        """target -> (log Q, log D, log E): starts with it / then a digit / then the end (D, E only where asked)."""
+        nodes, ctx = plan["nodes"], plan["ctx"]
+        lp = np.zeros(len(nodes))
+        by_string: dict[str, list[int]] = {}
+        for i, (parent, tok, w) in enumerate(nodes):
+            if parent >= 0:
+                lp[i] = lp[parent] + dists[ctx[parent]][tok]
+            by_string.setdefault(w, []).append(i)
+        out = {}
+        for u in plan["targets"]:
+            here = by_string.get(u, [])
+            ext = []
+            for cut in range(max(0, len(u) - _MAX_TEACHER_DIGITS + 1), len(u)):
+                ks = self.t_ext.get(u[cut:])
+                if ks is None:
+                    continue
+                for i in by_string.get(u[:cut], []):
+                    ext.append(lp[i] + _lse(dists[ctx[i]][ks]))
+            log_q = _lse([lp[i] for i in here] + ext)
+            log_d = log_e = -np.inf
+            if u in plan["need_de"]:
+                log_d = _lse(ext + [lp[i] + _lse(dists[ctx[i]][self.t_num_idx]) for i in here])
+                log_e = _lse([lp[i] + dists[ctx[i]][self.t_eot] for i in here])
+            out[u] = (log_q, log_d, log_e)
+        return out
+
+    def dense_targets(self, messages: Sequence[list[dict]], responses: Sequence[Sequence[int]]) -> list[dict]:
+        """The teacher's exact distribution over the student's next token at every response position.
+
+        Support: the student's digit tokens and its end of turn; every other student token shares one tail
+        bucket (the teacher's mass of "neither a digit nor the end"). Positions after a non-digit token get no
+        target.
+
+        Returns:
+            Per response ``{"positions": [j...], "logq": [len(positions), V] (nan off the support),
+            "log_tail": [len(positions)]}`` with ``V`` the student's model vocabulary (without "other").
+        """
+        support = self._support()
+        V = self.student.vocab.other
+        s_eot = int(self.student.vocab.to_model([self.student.eot_id])[0])
+        plans, contexts = [], []
+        for msgs, resp in zip(messages, responses):
+            pieces = [self._student_piece(int(t)) for t in resp]
+            positions, prefixes, prev_ext = [], [], []
+            r = ""
+            for j in range(len(resp)):
+                positions.append(j)
+                prefixes.append(r)
+                prev_ext.append(j > 0 and self._s_extendable[int(resp[j - 1])])
+                if pieces[j] is None:
+                    break
+                r += pieces[j]
+            targets, need_de = set(), set(prefixes)
+            for pre, pe in zip(prefixes, prev_ext):
+                targets.add(pre)
+                if not pe:
+                    for _, s, ext in support:
+                        targets.add(pre + s)
+                        if ext:
+                            need_de.add(pre + s)
+            plan = self._plan_marginals(self.teacher.prompt_ids(msgs), targets, need_de, contexts)
+            plans.append((plan, positions, prefixes, prev_ext))
+        dists = self._next_logprobs(contexts)
+        out = []
+        for plan, positions, prefixes, prev_ext in plans:
+            marg = self._marginals(plan, dists)
+            logq = np.full((len(positions), V), np.nan)
+            log_tail = np.zeros(len(positions))
+            for row, (pre, pe) in enumerate(zip(prefixes, prev_ext)):
+                lq, ld, le = marg[pre]
+                log_e_prev = _log_sub(lq, ld) - lq if pe else 0.0
+                base = lq + log_e_prev
+                for k, s, ext in support:
+                    if pe:
+                        logq[row, k] = -np.inf
+                    else:
+                        uq, ud, _ = marg[pre + s]
+                        logq[row, k] = (_log_sub(uq, ud) if ext else uq) - base
+                logq[row, s_eot] = le - base
+                log_tail[row] = _log_sub(lq, float(np.logaddexp(ld, le))) - base
+            out.append({"positions": positions, "logq": logq, "log_tail": log_tail})
+        return out
