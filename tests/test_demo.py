@@ -3,7 +3,7 @@ full-vocabulary ChatLM the `--real` scenario uses, and `--real` itself (opt-in: 
 
 The tiny scenario trains a tiny Llama-3.1-tokenizer teacher and a Qwen3-tokenizer student (cached under the
 asset cache after the first run), starts the reference teacher server on loopback and trains every arm
-(ceiling, default, uniform, one_to_one, naive, sft) for two paired seeds.
+(ceiling, oracle_tok, default, uniform, one_to_one, naive, sft) for two paired seeds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 def test_every_arm_ran_for_every_seed_with_finite_metrics(tiny_run):
-    assert tiny_run["arms"] == ["ceiling", "default", "uniform", "one_to_one", "naive", "sft"]
+    assert tiny_run["arms"] == ["ceiling", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft"]
     assert {(r["arm"], r["seed"]) for r in tiny_run["runs"]} == {
         (a, s) for a in tiny_run["arms"] for s in tiny_run["seeds"]}
     assert len(tiny_run["seeds"]) >= 2
