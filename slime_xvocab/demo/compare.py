@@ -154,8 +154,9 @@ def report_lines(results: dict) -> list[str]:
     """Everything printed after the runs: the recovery table and the paired differences to ``oracle_tok``."""
     arms, summary = results["arms"], results["summary"]
     lines = [f"Recovery of the ceiling's improvement: {results['direction']}, {len(results['seeds'])} paired seeds",
-             f"(mean ± 95 % interval; start: acc {summary[arms[0]]['acc_start'][0]:.1%}, rKL/byte "
-             f"{summary[arms[0]]['kl_start'][0]:.3f}; recovered = the arm's change / the ceiling's change)"]
+             f"mean ± 95 % interval; start: held-out accuracy {summary[arms[0]]['acc_start'][0]:.1%}, reverse KL "
+             f"{summary[arms[0]]['kl_start'][0]:.3f} nats/byte",
+             "recovered = the arm's change / the ceiling's change; cover = share of tokens with a teacher value"]
     lines += table_lines(summary)
     extra = paired_lines(results["runs"])
     if extra:
