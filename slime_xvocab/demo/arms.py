@@ -73,7 +73,9 @@ def evaluate(student: ChatLM, exact: ExactTeacher, problems: Sequence, seed: int
 
     ``accuracy``: greedy answer == the sum. ``reverse_kl_per_byte``: over temperature-1 answers (one per problem,
     sampled with ``seed``), ``sum(log pi_student(answer) - log P_teacher(answer))`` / answer bytes (end of turn =
-    one byte), the teacher's log-prob exact over all its tokenizations.
+    one byte), the teacher's log-prob exact over all its tokenizations (off-format answers: along its own
+    tokenization, a lower bound). ``off_format_share``: sampled answers with a token that is neither a digit nor
+    the end of turn.
     """
     gen = torch.Generator().manual_seed(seed)
     msgs = [p.messages() for p in problems]
@@ -241,7 +243,8 @@ def run_arm(arm: str, seed: int, run: ArmRun, log: Callable[[str], None] = print
                 m = evaluate(student, run.exact, run.held_out, 10_000 + seed, cfg.max_new_tokens)
                 history.append({"step": step, "seconds": time.time() - t0, **m, **last})
                 log(f"{arm:<10} seed {seed} step {step:>4}/{cfg.opd_steps}: acc {m['accuracy']:.1%}  "
-                    f"rKL/byte {m['reverse_kl_per_byte']:.3f}  ({time.time() - t0:.0f}s)")
+                    f"rKL/byte {m['reverse_kl_per_byte']:.3f}  off-format {m['off_format_share']:.0%}  "
+                    f"({time.time() - t0:.0f}s)")
             if step == cfg.opd_steps:
                 break
             batch = [run.train[i] for i in rng.integers(0, len(run.train), cfg.opd_batch)]

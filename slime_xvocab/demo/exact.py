@@ -17,9 +17,11 @@ This is the **ceiling** arm's teacher signal: what the plugin's ``student_token`
 returned its whole distribution and every path, i.e. OPD "as if the teacher spoke the student's tokenizer".
 
 Scope (stated, not hidden): teacher paths are enumerated over number tokens and the end of turn. When the student
-writes a token that is neither a digit nor its end of turn (rare: the student is SFT-trained on the format), that
-token gets the log of the teacher's total mass of "neither a digit nor the end" (an upper bound of its exact
-value), and the tokens after it get no teacher value (delta 0, counted as not covered).
+writes a token that is neither a digit nor its end of turn (off format), that token's training value is the log
+of the teacher's total mass of "neither a digit nor the end" (an upper bound of its exact value), and the tokens
+after it get no teacher value (delta 0, counted as not covered). For the evaluation metric such an answer is
+scored along the teacher's own tokenization (a lower bound), so that an arm cannot lower the measured reverse KL
+by writing off-format text.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import torch
 from slime_xvocab.demo.models import ChatLM
 
 _MAX_TEACHER_DIGITS = 3  # the longest number token either family has
+UNKNOWN_LP = -30.0  # log-prob charged for a token the teacher's vocabulary lacks (the teacher can never write it)
 
 
 @dataclass
@@ -42,7 +45,8 @@ class ExactScore:
     Attributes:
         values: one value per student response token (``nan`` where the token gets no teacher value).
         text_logprob: log P_teacher(answer text, end of turn) if the answer ended its turn, else
-            log P_teacher(the answer starts with this text); for an answer with a non-digit token, an upper bound.
+            log P_teacher(the answer starts with this text), over every teacher tokenization; for an answer with
+            a non-digit token, along the teacher's canonical tokenization only (a lower bound).
         n_bytes: UTF-8 bytes of the answer text, +1 for an end of turn.
         off_format: the answer has a token that is neither a digit nor the end of turn.
     """
@@ -160,7 +164,34 @@ class ExactTeacher:
             contexts.extend(prompt + [int(real[t]) for t in p] for p in paths)
             plans.append((resp, pieces, n_digit, ended, off, r, nodes, first))
         dists = self._next_logprobs(contexts)
-        return [self._values(dists, *plan) for plan in plans]
+        out = [self._values(dists, *plan) for plan in plans]
+        off = [i for i, sc in enumerate(out) if sc.off_format]
+        if off:  # an off-format answer's probability: its canonical teacher tokenization (a lower bound)
+            lps = self._canonical_logprobs([messages[i] for i in off], [responses[i] for i in off])
+            for i, lp in zip(off, lps):
+                out[i].text_logprob = lp
+        return out
+
+    @torch.no_grad()
+    def _canonical_logprobs(self, messages, responses) -> list[float]:
+        """log P_teacher of each answer's text along the teacher's own tokenization (+ its end of turn if the
+        student ended); a token outside the teacher's vocabulary (it can never write it) counts ``UNKNOWN_LP``."""
+        t = self.teacher
+        prompts, resps, unknown = [], [], []
+        for msgs, resp in zip(messages, responses):
+            ended = len(resp) > 0 and int(resp[-1]) == self.student.eot_id
+            ids = t.tokenizer.encode(self.student.decode_response(resp), add_special_tokens=False)
+            ids = ids + ([t.eot_id] if ended else [])
+            known = t.vocab.to_model(ids) < t.vocab.other
+            prompts.append(t.prompt_ids(msgs))
+            resps.append(ids)
+            unknown.append(~known)
+        lp, mask = t.response_logprobs(prompts, resps)
+        out = []
+        for i, unk in enumerate(unknown):
+            row = lp[i, : len(unk)].double().numpy()
+            out.append(float(np.where(unk, UNKNOWN_LP, row).sum()))
+        return out
 
     def _values(self, dists, resp, pieces, n_digit, ended, off, r, nodes, first) -> ExactScore:
         L = len(r)
