@@ -269,6 +269,8 @@ def run_comparison(cfg, arms: list[str], seeds: list[int], jobs: int, out: Path,
 
         def done(r: dict) -> None:
             runs.append(r)
+            # a partial metrics.json after every run: an interrupted long run keeps what it measured
+            (out / "metrics.json").write_text(json.dumps({**results, "runs": runs, "partial": True}, default=str))
             h0, h1 = r["history"][0], r["history"][-1]
             log(f"[{len(runs)}/{len(jobs_list)}] {r['arm']} seed {r['seed']}: acc {h0['accuracy']:.1%} -> "
                 f"{h1['accuracy']:.1%}, rKL/byte {h0['reverse_kl_per_byte']:.3f} -> "
