@@ -132,3 +132,14 @@ def test_dense_targets_are_distributions_that_agree_with_the_sampled_token_value
             k = int(student.vocab.to_model([resp[j]])[0])
             if np.isfinite(q[k]):
                 assert q[k] == pytest.approx(sc.values[j], abs=1e-5), (resp, j)
+
+
+def test_off_format_answers_are_scored_along_the_teachers_tokenization(pair):
+    """Junk cannot lower the measured reverse KL: its score is the teacher's own path (a lower bound), never
+    the loose upper bound its training value uses."""
+    student, _, exact = pair
+    junk = next(r for r in student.vocab.real_ids.tolist()
+                if r != student.eot_id and not student.tokenizer.decode([r]).isdigit())
+    (sc,) = exact.score([MSGS], [[junk, student.eot_id]])
+    assert sc.off_format
+    assert np.isfinite(sc.text_logprob) and sc.text_logprob <= sc.values[0] + 1e-9
