@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="--real: the teacher token the student's end of turn is scored as (xvocab_end_of_turn; "
                    "default <eos>; 'unscored' leaves it unscored)")
     p.add_argument("--unscored", choices=["keep", "mask"], default="keep",
-                   help="xvocab_unscored: tokens without a teacher value keep delta 0, or also leave the loss")
+                   help="--real: xvocab_unscored: tokens without a teacher value keep delta 0, or also leave the loss")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p
 
