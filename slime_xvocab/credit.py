@@ -554,7 +554,7 @@ def student_token_credit(
 
     Args:
         view: the sample's :class:`~slime_xvocab.teacher_view.TeacherView` (``alignment``, ``student_ids``,
-            ``student_spans``, ``response_bytes``, ``response_ids``, ``eot_ids``, ``exact_bytes``).
+            ``student_spans``, ``response_bytes``, ``response_ids``, ``eot_ids``, ``probe_ids``, ``exact_bytes``).
         teacher_log_probs: float ``[n_teacher]``: the teacher's log-prob of each id in ``view.response_ids``.
         teacher_top: per teacher position ``(ids, log_probs)`` of its top-k, or None (then only the observed
             tokens are counted and no extension is seen).

@@ -10,13 +10,12 @@ canonical tokens) are exact. Nothing here uses the plugin's alignment or credit 
 
 from __future__ import annotations
 
-import asyncio
 import math
-import threading
 from collections import defaultdict
 
 import numpy as np
 from aiohttp import web
+from loopback import LoopbackApp
 
 
 def canonical_ids(tokenizer, text: str) -> list[int]:
@@ -87,33 +86,19 @@ class OracleServer:
     def __init__(self, teacher: CanonicalTeacher) -> None:
         self.teacher = teacher
         self.requests = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> OracleServer:
-        self._thread.start()
-        self._ready.wait(10)
+        self._app = LoopbackApp(self._routes)
+        self.url = self._app.url
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._app.close()
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/health_generate", self._health)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-        self._ready.set()
-        self._loop.run_forever()
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -29,6 +29,7 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
+from loopback import LoopbackApp
 from slime_standin import Sample
 from test_hooks import logged, rollout, run_rollout, teacher, teacher_dir, xargs  # noqa: F401 (fixtures)
 
@@ -46,12 +47,8 @@ class FaultProxy:
         self.outage_until = 0.0
         self.requests = 0
         self.injected: Counter = Counter()  # attempt-failure kind -> faults injected
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        assert self._ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._app = LoopbackApp(self._routes, client_max_size=64 * 1024 * 1024)
+        self.url = self._app.url
 
     def reset(self, plan: list[str] | None = None, outage_s: float = 0.0) -> None:
         self.plan = list(plan or [])
@@ -59,23 +56,12 @@ class FaultProxy:
         self.requests = 0
         self.injected = Counter()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/{tail:.*}", self._forward_get)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+        self._app.close()
 
     async def _upstream(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
         async with aiohttp.ClientSession() as http:

@@ -12,12 +12,12 @@ import gc
 import json
 import logging
 import socket
-import threading
 import time
 
 import numpy as np
 import pytest
 from aiohttp import web
+from loopback import LoopbackApp
 
 from slime_xvocab.errors import (
     SampleError,
@@ -89,33 +89,17 @@ class FaultServer:
         self.outage_until = 0.0  # time.monotonic() before which every request gets outage_status
         self.outage_status = 500
         self.request_times: list[float] = []
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        self._ready.wait(10)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self._app = LoopbackApp(self._routes)
+        self._loop = self._app.loop
+        self.url = self._app.url
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/generate", self._generate)
         app.router.add_get("/health_generate", self._health)
         app.router.add_get("/server_info", self._info)
-        self._runner = web.AppRunner(app, access_log=None)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._app.close()
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.default != "down" else 503)
@@ -759,7 +743,7 @@ class TLSServer:
 
     def __init__(self, fault: FaultServer, ctx) -> None:
         async def start():
-            site = web.TCPSite(fault._runner, "127.0.0.1", 0, ssl_context=ctx)
+            site = web.TCPSite(fault._app.runner, "127.0.0.1", 0, ssl_context=ctx)
             await site.start()
             return site
 
