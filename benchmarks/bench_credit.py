@@ -92,7 +92,9 @@ def realistic_top_k(rng, teacher_ids, freq_ids, freq_p, k=20):
     return np.array(lps), top
 
 
-def _time_pair(student: str, teacher: str, text: str, rng) -> str:
+def timing_case(student: str, teacher: str, text: str, rng):
+    """``(builder, teacher tokenizer, student ids, view, teacher log-probs, top-k)`` for one response that ends
+    its turn, the top-k drawn from the teacher's own token frequencies (shared with bench_dense.py)."""
     builder = builder_for(student, teacher)
     t_tok = load_tokenizer(teacher)
     ids = canonical_ids(builder.student_tokenizer, text) + [min(builder.student_end_ids)]
@@ -100,6 +102,11 @@ def _time_pair(student: str, teacher: str, text: str, rng) -> str:
     corpus_ids = np.asarray(canonical_ids(t_tok, " ".join(CORPUS)))
     freq_ids, counts = np.unique(corpus_ids, return_counts=True)
     lps, top = realistic_top_k(rng, view.response_ids, freq_ids, counts / counts.sum())
+    return builder, t_tok, ids, view, lps, top
+
+
+def _time_pair(student: str, teacher: str, text: str, rng) -> str:
+    builder, t_tok, ids, view, lps, top = timing_case(student, teacher, text, rng)
     student_lp = np.full(len(ids), -0.7)
     ext = StudentExtensions(builder.student_tokenizer, builder.student_table)  # empty caches: a cold start
 

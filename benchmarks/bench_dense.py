@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_credit import CORPUS, realistic_top_k  # noqa: E402
+from bench_credit import CORPUS, timing_case  # noqa: E402
 from oracle_teacher import CanonicalTeacher, canonical_ids, oracle_next_distribution  # noqa: E402
 from test_credit import LOCAL, RESPONSE_SETS, builder_for, student_eot, usable  # noqa: E402
 
-from slime_xvocab.assets import load_tokenizer  # noqa: E402
 from slime_xvocab.credit import StudentExtensions, student_token_credit  # noqa: E402
 from slime_xvocab.dense import StudentProjection, dense_targets  # noqa: E402
 from slime_xvocab.dense_loss import dense_term  # noqa: E402
@@ -96,13 +95,7 @@ def answer_bytes() -> None:
 
 
 def _time_targets(student: str, teacher: str, text: str, rng) -> str:
-    builder = builder_for(student, teacher)
-    t_tok = load_tokenizer(teacher)
-    ids = canonical_ids(builder.student_tokenizer, text) + [min(builder.student_end_ids)]
-    view = builder.build("Q?", ids)
-    corpus_ids = np.asarray(canonical_ids(t_tok, " ".join(CORPUS)))
-    freq_ids, counts = np.unique(corpus_ids, return_counts=True)
-    lps, top = realistic_top_k(rng, view.response_ids, freq_ids, counts / counts.sum())
+    builder, _, ids, view, lps, top = timing_case(student, teacher, text, rng)
     ext = StudentExtensions(builder.student_tokenizer, builder.student_table)  # empty caches: a cold start
     proj = StudentProjection(builder.student_tokenizer, builder.student_table)
 
