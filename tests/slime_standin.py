@@ -4,7 +4,7 @@ slime cannot be pip-installed here, so the hook tests drive the hooks the way sl
 
 * :class:`Sample`: slime's ``slime.utils.types.Sample`` field names, defaults, ``Status`` enum,
   ``get_reward_value`` and the invariants slime validates (``len(loss_mask) == response_length``,
-  ``len(rollout_log_probs) == response_length``), per /work/shared/reference/slime.md §3; the package's
+  ``len(rollout_log_probs) == response_length``), per the slime reference notes (slime.md §3); the package's
   :class:`slime_xvocab.demo.sample.Sample`, which the demo's OPD loop uses too;
 * :data:`SIGNATURES`: the parameter names slime calls each hook with (§2.2, §5);
 * :func:`load_function`: slime's dotted-path loader (``import_module`` + ``getattr``);
