@@ -218,15 +218,26 @@ def teacher_view_builder(args: Any, teacher: str | None = None) -> Any:
 
 def reset(args: Any = None) -> None:
     """Forget cached configs/runtimes (of ``args``, or all, then also slime's logger lookup): for tests and
-    notebooks."""
+    notebooks. The teacher clients of the forgotten runtimes close their connection pools (when called
+    outside a running event loop), so nothing is left for the garbage collector to complain about."""
     with _LOCK:
         if args is None:
+            dropped = [runtime for _, runtime in _RUNTIMES.values()]
             _CONFIGS.clear()
             _RUNTIMES.clear()
             _SLIME_LOGGING.clear()
         else:
             _CONFIGS.pop(id(args), None)
-            _RUNTIMES.pop(id(args), None)
+            entry = _RUNTIMES.pop(id(args), None)
+            dropped = [entry[1]] if entry is not None else []
+    try:
+        asyncio.get_running_loop()
+        return  # inside a loop: the caller closes its clients (aclose) if it cares
+    except RuntimeError:
+        pass
+    for runtime in dropped:
+        for teacher in runtime.teachers.values():
+            asyncio.run(teacher.client.aclose())
 
 
 _TOKENIZERS: dict[tuple[str, bool], Any] = {}
