@@ -44,24 +44,23 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _json_object(text: str) -> dict:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({exc})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
+def _json_of(kind: type, name: str):
+    """An argparse type: JSON text that must decode to ``kind`` (``dict``: an object, ``list``: an array)."""
+
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected a JSON {name}, got {text!r} ({exc})") from None
+        if not isinstance(value, kind):
+            raise argparse.ArgumentTypeError(f"expected a JSON {name}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _json_list(text: str) -> list:
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text!r} ({exc})") from None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError(f"expected a JSON array, got {text!r}")
-    return value
+_json_object = _json_of(dict, "object")
+_json_list = _json_of(list, "array")
 
 
 def _route(text: str) -> str | dict:

@@ -40,7 +40,14 @@ import torch
 from slime_xvocab.demo import scoring
 from slime_xvocab.demo.exact import ExactTeacher
 from slime_xvocab.demo.models import ChatLM
-from slime_xvocab.demo.opd import OPDSettings, opd_update, slime_args
+from slime_xvocab.demo.opd import (
+    OPDSettings,
+    kl_to_start,
+    opd_update,
+    optimizer_step,
+    per_sample_mean,
+    slime_args,
+)
 from slime_xvocab.demo.sample import make_samples
 from slime_xvocab.demo.task import is_correct
 
@@ -168,16 +175,9 @@ def dense_update(student: ChatLM, ref: ChatLM, opt, samples, targets: list[dict]
     new = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         ref_lp, _ = ref.response_logprobs(prompts, resps)
-    d = ref_lp - new
-    k3 = torch.exp(d) - d - 1
-    per_tok = kl + cfg.kl_to_start_coef * k3
-    denom = mask.sum(-1).clamp(min=1)
-    loss = ((per_tok * mask).sum(-1) / denom).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
-    opt.step()
-    student.model.eval()
+    k3 = kl_to_start(ref_lp, new)
+    loss = per_sample_mean(kl + cfg.kl_to_start_coef * k3, mask)
+    optimizer_step(student, opt, loss)
     tok = mask.sum().clamp(min=1)
     return {"loss": float(loss.detach()), "dense_reverse_kl": float((kl.detach() * mask).sum() / tok),
             "kl_to_start": float((k3.detach() * mask).sum() / tok)}
@@ -187,12 +187,8 @@ def sft_update(student: ChatLM, opt, examples, clip: float = 1.0) -> dict[str, f
     """One NLL step on ``(prompt_ids, answer_ids)`` pairs (per-sample token mean, as slime's sft loss)."""
     student.model.train()
     logp, mask = student.response_logprobs([e[0] for e in examples], [e[1] for e in examples])
-    loss = (-(logp * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.model.parameters(), clip)
-    opt.step()
-    student.model.eval()
+    loss = per_sample_mean(-logp, mask)
+    optimizer_step(student, opt, loss, clip)
     return {"loss": float(loss.detach())}
 
 

@@ -198,6 +198,26 @@ def _close_plugin_runtime(args: Namespace, loop: asyncio.AbstractEventLoop) -> N
     hooks.reset(args)
 
 
+def kl_to_start(ref_lp: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || pi_start) on the sampled tokens."""
+    d = ref_lp - new
+    return torch.exp(d) - d - 1
+
+
+def per_sample_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's loss tokens, then over samples (slime's per-sample mean)."""
+    return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean()
+
+
+def optimizer_step(student: ChatLM, opt, loss: torch.Tensor, clip: float = 1.0) -> None:
+    """Backward, clip the gradient norm, step, and leave the model in eval mode for sampling."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.model.parameters(), clip)
+    opt.step()
+    student.model.eval()
+
+
 def opd_update(
     student: ChatLM, ref: ChatLM, opt: torch.optim.Optimizer, samples: Sequence[Sample], cfg: OPDSettings
 ) -> dict[str, float]:
@@ -230,16 +250,9 @@ def opd_update(
         adv = (adv - mean) / (var.sqrt() + 1e-8) * mask
     ratio = torch.exp(new - old)
     pg = torch.maximum(-ratio * adv, -ratio.clamp(1 - cfg.eps_clip, 1 + cfg.eps_clip) * adv)
-    d = ref_lp - new
-    kl = torch.exp(d) - d - 1  # k3 estimator of KL(pi || pi_start)
-    per_tok = pg + cfg.kl_to_start_coef * kl
-    denom = mask.sum(-1).clamp(min=1)
-    loss = ((per_tok * mask).sum(-1) / denom).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
-    opt.step()
-    student.model.eval()
+    kl = kl_to_start(ref_lp, new)
+    loss = per_sample_mean(pg + cfg.kl_to_start_coef * kl, mask)
+    optimizer_step(student, opt, loss)
     tok = mask.sum()
     return {
         "loss": float(loss.detach()),
