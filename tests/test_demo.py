@@ -3,7 +3,7 @@ full-vocabulary ChatLM the `--real` scenario uses, and `--real` itself (opt-in: 
 
 The tiny scenario trains a tiny Llama-3.1-tokenizer teacher and a Qwen3-tokenizer student (cached under the
 asset cache after the first run), starts the reference teacher server on loopback and trains every arm
-(ceiling, oracle_tok, default, uniform, one_to_one, naive, sft) for two paired seeds.
+(ceiling, dense, oracle_tok, default, uniform, one_to_one, naive, sft) for two paired seeds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def tiny_run(tmp_path_factory) -> dict:
 
 
 def test_every_arm_ran_for_every_seed_with_finite_metrics(tiny_run):
-    assert tiny_run["arms"] == ["ceiling", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft"]
+    assert tiny_run["arms"] == ["ceiling", "dense", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft"]
     assert {(r["arm"], r["seed"]) for r in tiny_run["runs"]} == {
         (a, s) for a in tiny_run["arms"] for s in tiny_run["seeds"]}
     assert len(tiny_run["seeds"]) >= 2
@@ -60,7 +60,7 @@ def test_arms_of_a_seed_start_from_the_same_point(tiny_run):
 
 def test_which_arms_go_through_the_plugins_hooks(tiny_run):
     for r in tiny_run["runs"]:
-        if r["arm"] in ("default", "uniform", "one_to_one"):
+        if r["arm"] in ("dense", "default", "uniform", "one_to_one"):
             assert r["hooks"] == ["slime_xvocab.hooks.reward_func", "slime_xvocab.hooks.post_process_rewards"]
         elif r["arm"] == "naive":
             assert r["hooks"][0] == "slime_xvocab.demo.naive.reward_func"
@@ -70,7 +70,7 @@ def test_which_arms_go_through_the_plugins_hooks(tiny_run):
 
 def test_coverage_is_the_share_of_tokens_with_a_teacher_value(tiny_run):
     cover = {a: s["cover"][0] for a, s in tiny_run["summary"].items()}
-    assert cover["default"] > 0.99 and cover["uniform"] > 0.99
+    assert cover["default"] > 0.99 and cover["uniform"] > 0.99 and cover["dense"] > 0.9
     # 1:1 matching cannot score the digits of numbers the two tokenizers split differently
     assert cover["one_to_one"] < 0.8
 

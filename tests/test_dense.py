@@ -128,6 +128,25 @@ def test_digits_inside_a_teacher_token():
     assert float(got.tail[1]) == pytest.approx(1 / 9, abs=1e-6)
 
 
+def test_a_rarely_taken_prefix_is_not_read_as_certain():
+    """The student wrote "2", "6" where the teacher mostly says "3"; its top-1 lists "3" only, so the observed
+    "26" is the one path through "2" the answer shows. Unlisted tokens that start with "2" ("2" + end of turn,
+    "27") may carry up to the unlisted mass: it joins the tail, and "6" is not claimed above the oracle (read
+    from the observed path alone it would get probability 1)."""
+    builder = builder_for("qwen3", "llama3_1")
+    tok = builder.student_tokenizer
+    digits = {"3": 0.6, "2": 0.3, "26": 0.05, "27": 0.05}
+    s_ids, _, _, _, got = targets_for(builder, digits, "26", True, k=1)
+    want = oracle_next_distribution(tok, digits, "26", 1, student_eot(builder))
+    mine = as_dict(got, 1)
+    six = tok.convert_tokens_to_ids("6")
+    assert mine.keys() == {six}
+    assert mine[six] <= want[six] + 1e-6
+    # the bound: unlisted mass 1 - 0.6 - 0.05 at the first position, all of which could start with "2"
+    assert mine[six] == pytest.approx(0.05 / (0.05 + 0.35), abs=1e-5)
+    assert float(got.tail[1]) == pytest.approx(0.35 / 0.4, abs=1e-5)
+
+
 def test_top_k_keeps_the_most_likely_and_the_rest_joins_the_tail():
     builder = builder_for("qwen3", "llama3_1")
     the_cat = {" the cat": 0.2, " the dog": 0.3, " there": 0.3, " then": 0.2}

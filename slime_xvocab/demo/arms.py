@@ -6,6 +6,10 @@ Arms (names chosen not to clash with the plugin's settings):
   ``sum_y pi(y) (log pi(y) - log q(y))`` at every position the student visits, against the teacher's **exact**
   distribution ``q`` over the student's next token (:mod:`slime_xvocab.demo.exact`: every teacher path, no
   top-k). In-process. This is the headline's reference.
+* ``dense``: the plugin's dense distillation (``xvocab_dense: true``): the teacher's top-20 projected onto the
+  student's vocabulary by the plugin (:mod:`slime_xvocab.dense`, through the real hooks and the reference
+  teacher server on loopback), trained with the **same loss** as ``ceiling``. Its recovery of the ceiling is
+  what the plugin's top-k projection loses against the exact distribution.
 * ``oracle_tok``: slime's sampled-token OPD with each sampled token valued exactly by the same teacher
   distribution: same-tokenizer sampled-token OPD, the best any credit rule can feed slime's estimator.
   In-process.
@@ -51,11 +55,14 @@ from slime_xvocab.demo.opd import (
 from slime_xvocab.demo.sample import make_samples
 from slime_xvocab.demo.task import is_correct
 
-ARMS = ("ceiling", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft")
-# arm -> (plugin credit mode, chunk split) for the arms that go through the plugin's hooks; naive: stock hooks
-HOOK_ARMS = {"default": "student_token", "uniform": "chunk", "one_to_one": "exact", "naive": "naive"}
+ARMS = ("ceiling", "dense", "oracle_tok", "default", "uniform", "one_to_one", "naive", "sft")
+# arm -> the plugin's credit mode for the arms that go through the plugin's hooks (dense: plus xvocab_dense);
+# naive: slime's stock hooks
+HOOK_ARMS = {"dense": "student_token", "default": "student_token", "uniform": "chunk", "one_to_one": "exact",
+             "naive": "naive"}
 ARM_LABELS = {
     "ceiling": "dense reverse KL to the exact teacher distribution in student tokens (in-process)",
+    "dense": "plugin xvocab_dense: the same loss, teacher top-20 projected by the plugin (hooks + server)",
     "oracle_tok": "sampled-token OPD, each token valued by the exact teacher (in-process)",
     "default": "plugin default: credit_mode student_token (hooks + server)",
     "uniform": "plugin: credit_mode chunk, chunk_split uniform (hooks + server)",
@@ -70,7 +77,7 @@ def hook_args(arm: str, teacher_url: str, student_dir, teacher_dir, cfg: OPDSett
     if arm not in HOOK_ARMS:
         return None
     return slime_args(HOOK_ARMS[arm], teacher_url, student_dir, teacher_dir, cfg,
-                      teacher_template_kwargs=template_kwargs)
+                      teacher_template_kwargs=template_kwargs, dense=arm == "dense")
 
 
 @torch.no_grad()
@@ -141,38 +148,93 @@ def _response_log_softmax(lm: ChatLM, prompts, responses) -> tuple[torch.Tensor,
     return torch.log_softmax(logits, -1), rmask
 
 
-def dense_update(student: ChatLM, ref: ChatLM, opt, samples, targets: list[dict], cfg: OPDSettings,
-                 floor: float = -27.6) -> dict[str, float]:
-    """One step of dense reverse KL, ``sum_y pi(y) (log pi(y) - log q(y))`` at every visited position, against the
-    exact teacher distribution ``q`` in student tokens (digits and end of turn; the other tokens as one tail
-    bucket), plus the same KL to the start as the OPD arms; per-sample token mean, then the batch mean."""
+LOG_Q_FLOOR = -27.6  # log(1e-12): a teacher probability of 0 (a token it cannot write there) stays finite
+
+
+def exact_buckets(targets: Sequence[dict]) -> list[dict]:
+    """The exact teacher's targets (:meth:`ExactTeacher.dense_targets`) as buckets for :func:`dense_update`.
+
+    Listed: every token of the exact support (the student's digits and end of turn), at log-probability
+    ``max(log q, LOG_Q_FLOOR)``; the tail: the teacher's mass of everything else.
+    """
+    out = []
+    for t in targets:
+        logq = np.asarray(t["logq"], dtype=np.float64)
+        cols = np.flatnonzero(~np.isnan(logq).all(axis=0))
+        ids = np.broadcast_to(cols, (len(logq), len(cols))).copy()
+        out.append({"positions": np.asarray(t["positions"], dtype=np.int64), "ids": ids,
+                    "log_q": np.maximum(logq[:, cols], LOG_Q_FLOOR),
+                    "tail": np.exp(np.asarray(t["log_tail"], dtype=np.float64))})
+    return out
+
+
+def plugin_buckets(samples, vocab) -> list[dict]:
+    """The plugin's dense targets (``xvocab_dense``, left on each sample by the hooks) in the compact vocabulary.
+
+    The hooks list up to ``xvocab_dense_top_k`` real student ids per position plus a tail; an id the demo's
+    compact vocabulary lacks (the student cannot write it) joins the tail; positions without a target
+    (``valid`` False) are left out.
+    """
+    from slime_xvocab.dense_transport import sample_targets
+
+    out = []
+    for s in samples:
+        t = sample_targets(s)
+        if t is None:
+            raise RuntimeError(f"sample {s.index}: the hooks left no dense targets (is xvocab_dense set?)")
+        pos = np.flatnonzero(t.valid)
+        real = t.ids[pos].astype(np.int64)
+        ids = vocab.to_model(real.ravel()).reshape(real.shape) if real.size else real
+        keep = (real >= 0) & (ids < vocab.other)
+        lq = t.log_probs[pos].astype(np.float64)
+        tail = t.tail[pos].astype(np.float64) + np.where((real >= 0) & ~keep, np.exp(lq), 0.0).sum(axis=1)
+        out.append({"positions": pos, "ids": np.where(keep, ids, -1), "log_q": np.where(keep, lq, 0.0),
+                    "tail": np.minimum(tail, 1.0)})
+    return out
+
+
+def dense_update(student: ChatLM, ref: ChatLM, opt, samples, targets: list[dict], cfg: OPDSettings
+                 ) -> dict[str, float]:
+    """One step of the plugin's dense loss (:func:`slime_xvocab.dense_loss.bucket_divergence`, reverse KL) at
+    every position with a target, plus the same KL to the start as the OPD arms; per-sample token mean, then
+    the batch mean.
+
+    ``targets``: per sample ``{"positions" [n], "ids" [n, K] compact model ids (-1: padding), "log_q" [n, K],
+    "tail" [n]}`` (:func:`exact_buckets` for the ceiling, :func:`plugin_buckets` for the plugin's arm): the
+    divergence is over the listed tokens plus one bucket for every other token, so both arms run the same loss
+    and differ only in the teacher's distribution.
+    """
     from slime_xvocab.demo.sample import prompt_ids, response_ids
+    from slime_xvocab.dense_loss import bucket_divergence
 
     prompts = [prompt_ids(s) for s in samples]
     resps = [response_ids(s) for s in samples]
     student.model.train()
     logp, _ = _response_log_softmax(student, prompts, resps)
-    B, R, V = logp.shape
-    logq = torch.full((B, R, V), float("nan"))
-    tail = torch.zeros(B, R)
+    B, R, _ = logp.shape
+    rows = [(i, int(j)) for i, t in enumerate(targets) for j in t["positions"]]
     mask = torch.zeros(B, R)
-    for i, t in enumerate(targets):
-        pos = t["positions"]
-        logq[i, pos] = torch.as_tensor(t["logq"], dtype=torch.float32)
-        tail[i, pos] = torch.as_tensor(t["log_tail"], dtype=torch.float32)
-        mask[i, pos] = 1.0
-    support = ~torch.isnan(logq)
-    logq = torch.nan_to_num(logq, nan=0.0).clamp(min=floor)
-    tail = tail.clamp(min=floor)
-    pi = logp.exp()
-    kl_support = (pi * (logp - logq) * support).sum(-1)
-    pi_tail = (pi * ~support).sum(-1)
-    log_pi_tail = torch.log(pi_tail.clamp(min=1e-30))
-    kl = kl_support + pi_tail * (log_pi_tail - tail)
+    kl = torch.zeros(B, R)
+    if rows:
+        b_idx = torch.tensor([i for i, _ in rows])
+        r_idx = torch.tensor([j for _, j in rows])
+        width = max(t["ids"].shape[1] for t in targets)
+        ids = np.full((len(rows), width), -1, dtype=np.int64)
+        log_q = np.zeros((len(rows), width))
+        at = 0
+        for t in targets:
+            n, k = t["ids"].shape
+            ids[at : at + n, :k], log_q[at : at + n, :k] = t["ids"], t["log_q"]
+            at += n
+        tail = np.concatenate([t["tail"] for t in targets])
+        div, _ = bucket_divergence(logp[b_idx, r_idx], torch.from_numpy(ids), torch.from_numpy(log_q).float(),
+                                   torch.from_numpy(tail).float())
+        kl = kl.index_put((b_idx, r_idx), div)
+        mask[b_idx, r_idx] = 1.0
     # KL to the starting policy on the sampled tokens (k3), as in the OPD arms
+    V = logp.shape[-1]
     idx = torch.from_numpy(np.stack([np.pad(student.vocab.to_model(r), (0, R - len(r))) for r in resps])).long()
-    idx = idx.clamp(max=V - 1)
-    new = logp.gather(-1, idx.unsqueeze(-1)).squeeze(-1)
+    new = logp.gather(-1, idx.clamp(max=V - 1).unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         ref_lp, _ = ref.response_logprobs(prompts, resps)
     k3 = kl_to_start(ref_lp, new)
@@ -259,11 +321,15 @@ def run_arm(arm: str, seed: int, run: ArmRun, log: Callable[[str], None] = print
                 samples = make_samples(student, batch, cfg.max_new_tokens, gen, "messages",
                                        start_index=step * cfg.opd_batch)
                 samples = [s for s in samples if s.response_length > 0]
-                if arm == "ceiling":
+                if arm in ("ceiling", "dense"):
                     from slime_xvocab.demo.sample import response_ids
 
-                    targets = run.exact.dense_targets([s.metadata["messages"] for s in samples],
-                                                      [response_ids(s) for s in samples])
+                    if arm == "ceiling":
+                        targets = exact_buckets(run.exact.dense_targets(
+                            [s.metadata["messages"] for s in samples], [response_ids(s) for s in samples]))
+                    else:
+                        scoring.score_samples(run.args, samples, loop)
+                        targets = plugin_buckets(samples, student.vocab)
                     cover.append(sum(len(t["positions"]) for t in targets)
                                  / max(1, sum(s.response_length for s in samples)))
                     last = dense_update(student, ref, opt, samples, targets, cfg)

@@ -58,8 +58,12 @@ class ExactScore:
 
 
 def _lse(xs) -> float:
-    xs = [x for x in xs if x > -np.inf]
-    return float(np.logaddexp.reduce(xs)) if xs else -np.inf
+    """log(sum(exp(xs))) of a list or array (-inf when empty or all -inf)."""
+    a = np.asarray(xs, dtype=np.float64)
+    top = a.max(initial=-np.inf)
+    if top == -np.inf:
+        return -np.inf
+    return float(top + np.log(np.exp(a - top).sum()))
 
 
 def _log_sub(a: float, b: float) -> float:

@@ -152,8 +152,9 @@ def prepare_model(
 # ---------------------------------------------------------------------------------------------- rollout
 def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path, cfg: OPDSettings, *,
                teacher_template_kwargs: dict | None = None, teacher_end_of_turn: str | None = None,
-               unscored: str = "keep") -> Namespace:
-    """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys."""
+               unscored: str = "keep", dense: bool = False) -> Namespace:
+    """An argparse namespace with slime's attribute names plus the plugin's ``xvocab_*`` keys (``dense``: also
+    ``xvocab_dense`` with the default top-k, the targets left on each sample by the hooks)."""
     rm, post = scoring.hook_paths(mode)
     return Namespace(
         # slime's own flags, as the OPD launch scripts set them
@@ -167,7 +168,7 @@ def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path
         xvocab_messages_key="messages", xvocab_chunk_split="uniform",
         xvocab_fallback="student", xvocab_max_failed_fraction=0.5,
         xvocab_template_kwargs=dict(teacher_template_kwargs or {}), xvocab_end_of_turn=teacher_end_of_turn,
-        xvocab_unscored=unscored,
+        xvocab_unscored=unscored, xvocab_dense=dense,
     )
 
 
