@@ -46,7 +46,14 @@ from typing import Any
 import numpy as np
 
 from .alignment import _encode_continuation
-from .credit import StudentExtensions, _candidates, _extension_queries, _logsumexp_by, _match_lengths, _segment_ranges
+from .credit import (
+    StudentExtensions,
+    _candidates,
+    _extension_queries,
+    _logsumexp_by,
+    _match_lengths,
+    _segment_ranges,
+)
 from .token_bytes import TokenBytes, tokenizer_lock
 
 __all__ = [
@@ -236,8 +243,8 @@ def student_projection(tokenizer: Any, student_table: TokenBytes) -> StudentProj
         return proj
 
 
-class LongerTokens:
-    """Which byte strings some token of a vocabulary starts with and runs past (one sorted table per tokenizer).
+class TokenPrefixes:
+    """How many tokens of a vocabulary start with given bytes (one sorted table per tokenizer).
 
     Args:
         table: the tokenizer's :class:`~slime_xvocab.token_bytes.TokenBytes`.
@@ -246,27 +253,27 @@ class LongerTokens:
     def __init__(self, table: TokenBytes) -> None:
         lengths = table.lengths
         spelled = np.flatnonzero(lengths > 0)
-        starts = table.offsets[spelled]
         blob = table.blob.tobytes()
-        tokens = sorted({blob[a:a + n] for a, n in zip(starts.tolist(), lengths[spelled].tolist())})
+        tokens = sorted({blob[a:a + n] for a, n in zip(table.offsets[spelled].tolist(), lengths[spelled].tolist())})
         self._sorted = np.empty(len(tokens), dtype=object)
         self._sorted[:] = tokens
         self.max_length = int(lengths.max(initial=0))
 
     def count(self, prefixes: Sequence[bytes]) -> np.ndarray:
-        """int64 ``[len(prefixes)]``: distinct tokens that start with the prefix and are longer than it."""
+        """int64 ``[len(prefixes)]``: distinct tokens that start with each prefix (the prefix itself included)."""
         if not len(prefixes):
             return np.zeros(0, dtype=np.int64)
         keys = np.empty(len(prefixes), dtype=object)
         keys[:] = list(prefixes)
-        ends = np.empty(len(prefixes), dtype=object)
-        ends[:] = [_successor(p) for p in prefixes]
-        # The tokens that start with p and are longer sort after p itself and before p's successor.
-        lo = np.searchsorted(self._sorted, keys, side="right")
-        hi = np.where([e is None for e in ends], len(self._sorted), 0)
-        known = np.flatnonzero(hi == 0)
-        if len(known):
-            hi[known] = np.searchsorted(self._sorted, ends[known], side="left")
+        ends = [_successor(p) for p in prefixes]
+        # The tokens that start with p sort from p itself up to (not including) p's successor.
+        lo = np.searchsorted(self._sorted, keys, side="left")
+        hi = np.full(len(prefixes), len(self._sorted), dtype=np.int64)
+        bounded = np.flatnonzero([e is not None for e in ends])
+        if len(bounded):
+            upper = np.empty(len(bounded), dtype=object)
+            upper[:] = [ends[r] for r in bounded.tolist()]
+            hi[bounded] = np.searchsorted(self._sorted, upper, side="left")
         return np.maximum(hi - lo, 0).astype(np.int64)
 
 
@@ -276,16 +283,63 @@ def _successor(prefix: bytes) -> bytes | None:
     return stem[:-1] + bytes([stem[-1] + 1]) if stem else None
 
 
-_LONGER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PREFIXES_LOCK = threading.Lock()
 
 
-def longer_tokens(table: TokenBytes) -> LongerTokens:
-    """The :class:`LongerTokens` of a tokenizer's byte table, built once per table."""
-    with _PROJECTIONS_LOCK:
-        found = _LONGER.get(table)
+def token_prefixes(table: TokenBytes) -> TokenPrefixes:
+    """The :class:`TokenPrefixes` of a tokenizer's byte table, built once per table."""
+    with _PREFIXES_LOCK:
+        found = _PREFIXES.get(table)
         if found is None:
-            found = _LONGER[table] = LongerTokens(table)
+            found = _PREFIXES[table] = TokenPrefixes(table)
         return found
+
+
+def _least_listed(top: Sequence) -> np.ndarray:
+    """Per position, the log-prob of the least likely top-k candidate (0.0 where none is listed)."""
+    if hasattr(top, "offsets"):  # sglang_wire.TopK: already flat
+        offsets, lps = np.asarray(top.offsets, dtype=np.int64), np.asarray(top.lps, dtype=np.float64)
+    else:
+        counts = np.fromiter((len(t[1]) for t in top), dtype=np.int64, count=len(top))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        lps = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if len(top) else np.zeros(0)
+    out = np.zeros(len(offsets) - 1)
+    has = np.diff(offsets) > 0
+    if has.any():  # empty positions are skipped, so each reduced segment is one position's candidates
+        out[has] = np.minimum.reduceat(lps, offsets[:-1][has])
+    return out
+
+
+def _unlisted_mass_through(ys: np.ndarray, t_start: np.ndarray, text: bytes, listed: np.ndarray,
+                          top: Sequence | None, path_before: np.ndarray, table: TokenBytes) -> np.ndarray:
+    """log of an upper bound of the teacher's mass on tokens its top-k does not list that agree with the text
+    through ``y``, for every ``y`` in ``ys`` (-inf where there is none).
+
+    A text position ``i`` that starts before ``y`` contributes ``P(observed path before i) x min(u_i, n_i x
+    least_i)``: ``u_i`` its unlisted mass (1 - listed - the observed token where the top-k missed it), ``n_i``
+    the number of teacher tokens that start with ``text[start_i:y]``, ``least_i`` its least likely listed
+    candidate (no unlisted token is more likely). Read alone, the listed paths would make a prefix the teacher
+    rarely takes look certain: its own top-k rarely shows the paths that carry most of that prefix's mass.
+    """
+    out = np.full(len(ys), -np.inf)
+    if top is None or not len(ys) or not len(t_start):
+        return out
+    m = len(t_start)
+    unlisted = 1.0 - listed[:m]
+    prefixes = token_prefixes(table)
+    lo = np.searchsorted(t_start, ys - prefixes.max_length, side="right")
+    owner, i = _segment_ranges(lo, np.searchsorted(t_start, ys, side="left"))
+    some = unlisted[i] > 1e-9
+    owner, i = owner[some], i[some]
+    if not len(owner):
+        return out
+    n = prefixes.count([text[a:b] for a, b in zip(t_start[i].tolist(), ys[owner].tolist())])
+    hit = n > 0
+    owner, i, n = owner[hit], i[hit], n[hit]
+    bound = np.minimum(np.log(unlisted[i]), np.log(n) + _least_listed(top)[i])
+    out[:] = _logsumexp_by(path_before[i] + bound, owner, len(ys))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,7 +408,6 @@ def dense_targets(
     listed = np.bincount(c.pos[live_cand], weights=np.exp(c.lp[live_cand]), minlength=m_all)
     log_unlisted = np.log(np.maximum(1.0 - listed, 1e-300))
     has_unlisted = listed < 1.0 - 1e-9
-    log_least_listed = _least_listed(teacher_top)
     # Branch positions: text positions, then the one position right after the text (end of turn or probe).
     branch_start = np.where(np.arange(m_all) <= m, starts, np.iinfo(np.int64).max)
 
@@ -486,21 +539,12 @@ def dense_targets(
         add(q, path_before[c.pos[k]] + c.lp[k], target, np.where(rest > 0, k, -1), off)
 
     # 3. Tokens the top-k does not list, at positions starting before y, may run through y as well (a prefix
-    #    the student rarely takes, "4" then "3", is mostly such paths: "4" + end of turn, "45", ...). Their
-    #    mass is at most the position's unlisted mass, and at most (tokens that spell the text from that position
-    #    through y and more) x (the least likely listed token): that bound joins the tail, so the listed mass
-    #    stays a lower bound of the teacher's instead of being read as certain.
-    reach_back = longer_tokens(teacher_table)
-    i_lo = np.searchsorted(t_start, qy - reach_back.max_length, side="right")
-    owner, i = _segment_ranges(i_lo, np.searchsorted(t_start, qy, side="left"))
-    sel = has_unlisted[i]
-    owner, i = owner[sel], i[sel]
-    if len(owner):
-        # Each unlisted token is at most as likely as the least likely listed one.
-        n_through = reach_back.count([data[a:b] for a, b in zip(t_start[i].tolist(), qy[owner].tolist())])
-        through = n_through > 0
-        bound = np.minimum(log_unlisted[i], np.log(np.maximum(n_through, 1)) + log_least_listed[i])
-        add(owner[through], path_before[i[through]] + bound[through], np.full(int(through.sum()), -1, dtype=np.int64))
+    #    the student rarely takes, "4" then "3", is mostly such paths: "4" + end of turn, "45", ...). An upper
+    #    bound of their mass joins the tail, so the listed mass stays a lower bound of the teacher's instead
+    #    of being read as certain.
+    log_b = _unlisted_mass_through(qy, t_start, data, listed[:m], teacher_top, path_before, teacher_table)
+    bounded = np.flatnonzero(np.isfinite(log_b))
+    add(bounded, log_b[bounded], np.full(len(bounded), -1, dtype=np.int64))
 
     cq = np.concatenate(rows["q"]).astype(np.int64)
     cw = np.concatenate(rows["w"])
@@ -518,21 +562,6 @@ def dense_targets(
         keep[asked[grows]] = False
         cq, cw, target = cq[keep], cw[keep], target[keep]
     return _assemble(n, top_k, query, cq, cw, target)
-
-
-def _least_listed(top: Sequence) -> np.ndarray:
-    """Per position, the log-prob of the least likely top-k candidate (0.0 where none is listed)."""
-    if hasattr(top, "offsets"):  # sglang_wire.TopK: already flat
-        offsets, lps = np.asarray(top.offsets, dtype=np.int64), np.asarray(top.lps, dtype=np.float64)
-    else:
-        counts = np.fromiter((len(t[1]) for t in top), dtype=np.int64, count=len(top))
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        lps = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if len(top) else np.zeros(0)
-    out = np.zeros(len(offsets) - 1)
-    has = np.diff(offsets) > 0
-    if has.any():  # empty positions are skipped, so each reduced segment is one position's candidates
-        out[has] = np.minimum.reduceat(lps, offsets[:-1][has])
-    return out
 
 
 def identity_dense_targets(teacher_top: Sequence | None, n: int, *, top_k: int = DEFAULT_DENSE_TOP_K,

@@ -143,3 +143,18 @@ def test_off_format_answers_are_scored_along_the_teachers_tokenization(pair):
     (sc,) = exact.score([MSGS], [[junk, student.eot_id]])
     assert sc.off_format
     assert np.isfinite(sc.text_logprob) and sc.text_logprob <= sc.values[0] + 1e-9
+
+
+def test_teacher_distributions_do_not_depend_on_the_batch_they_were_computed_in():
+    """A run must not depend on what its process computed before: the exact teacher caches each context's
+    distribution, so the stored values have to be the same whichever batch (padding, shapes) computed them."""
+    problems = all_problems(0, 9)
+    teacher = _new_lm("llama3_1", problems, ModelSize(64, 2, 4, 256), seed=3)
+    student = _new_lm("qwen3", problems, SIZE, seed=4)
+    digit = int(teacher.vocab.real_ids[5])
+    contexts = [teacher.prompt_ids(p.messages()) + extra for p in problems[:40] for extra in ([], [digit])]
+    together = ExactTeacher(teacher, student)._next_logprobs(contexts)
+    reversed_in_sevens = ExactTeacher(teacher, student, batch=7)._next_logprobs(contexts[::-1])[::-1]
+    alone = np.stack([ExactTeacher(teacher, student)._next_logprobs([c])[0] for c in contexts[:4]])
+    assert np.array_equal(together, reversed_in_sevens)
+    assert np.array_equal(together[:4], alone)

@@ -147,6 +147,22 @@ def test_a_rarely_taken_prefix_is_not_read_as_certain():
     assert float(got.tail[1]) == pytest.approx(0.35 / 0.4, abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama3_1", "gemma3"])
+def test_token_prefix_counts_match_a_scan_of_the_vocabulary(family):
+    from slime_xvocab.dense import token_prefixes
+
+    builder = builder_for("qwen3", family)
+    table = builder.teacher_table
+    blob = table.blob.tobytes()
+    spelled = {blob[table.offsets[i]:table.offsets[i + 1]] for i in range(table.vocab_size)} - {b""}
+    rng = np.random.default_rng(0)
+    words = sorted(spelled)
+    prefixes = [b"4", b"43", b" the", b" th", b"\xff", b"\xe4\xbd", b"zzzzzzzzzz", b"\xff\xff"]
+    prefixes += [w[: int(rng.integers(1, len(w) + 1))] for w in rng.choice(words, 40)]
+    want = [sum(w.startswith(p) for w in spelled) for p in prefixes]  # brute force: scan every token
+    assert token_prefixes(table).count(prefixes).tolist() == want
+
+
 def test_top_k_keeps_the_most_likely_and_the_rest_joins_the_tail():
     builder = builder_for("qwen3", "llama3_1")
     the_cat = {" the cat": 0.2, " the dog": 0.3, " there": 0.3, " then": 0.2}

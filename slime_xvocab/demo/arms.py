@@ -47,6 +47,7 @@ from slime_xvocab.demo.models import ChatLM
 from slime_xvocab.demo.opd import (
     OPDSettings,
     kl_to_start,
+    lr_factor,
     opd_update,
     optimizer_step,
     per_sample_mean,
@@ -286,8 +287,7 @@ def run_arm(arm: str, seed: int, run: ArmRun, log: Callable[[str], None] = print
     torch.manual_seed(seed)
     student, ref = _copy(run.student), _copy(run.student)
     opt = torch.optim.AdamW(student.model.parameters(), lr=cfg.opd_lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warm = max(1, cfg.opd_warmup_steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     loop = asyncio.new_event_loop()

@@ -26,6 +26,7 @@ by writing off-format text.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,10 @@ class ExactTeacher:
 
     def __init__(self, teacher: ChatLM, student: ChatLM, batch: int = 512, cache_size: int = 300_000) -> None:
         self.teacher, self.student, self.batch = teacher, student, batch
+        # The distributions are computed in float64 and stored in float32: a context's stored values then do not
+        # depend on the batch it was computed in (padding, matrix shapes), so a run does not depend on what its
+        # process computed before.
+        self._model64 = copy.deepcopy(teacher.model).double().eval()
         self._cache: dict[tuple, np.ndarray] = {}
         self.cache_size = cache_size
         tv, tt = teacher.vocab, teacher.tokenizer
@@ -130,7 +135,7 @@ class ExactTeacher:
         for s in range(0, len(todo), self.batch):
             chunk = [list(k) for k in todo[s : s + self.batch]]
             ids, att, pos, _, _ = lm._batch(chunk, [[] for _ in chunk])
-            logits = lm.model(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
+            logits = self._model64(input_ids=ids, attention_mask=att, position_ids=pos, logits_to_keep=1).logits[:, -1]
             dist = torch.log_softmax(logits[:, : lm.vocab.other].double(), -1).float().numpy()
             self._cache.update(zip(todo[s : s + self.batch], dist))
         if not keys:

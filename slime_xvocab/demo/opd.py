@@ -53,6 +53,9 @@ class DemoConfig(OPDSettings):
     lo: int = 0
     hi: int = 49
     n_eval: int = 500
+    # after the warm-up the learning rate follows a cosine down to this fraction of opd_lr at the last step
+    # (--lr-decay-style cosine --min-lr), so that the last evaluation reads a settled student
+    opd_min_lr_ratio: float = 0.1
     teacher_family: str = "llama3_1"
     student_family: str = "qwen3"
     teacher_size: ModelSize = field(default_factory=lambda: ModelSize(128, 2, 4, 512))
@@ -173,6 +176,19 @@ def slime_args(mode: str, teacher_url: str, student_dir: Path, teacher_dir: Path
 
 
 # ------------------------------------------------------------------------------------------------ train
+def lr_factor(step: int, cfg: OPDSettings) -> float:
+    """The learning rate at ``step`` as a fraction of ``cfg.opd_lr``: linear warm-up, then (for a
+    :class:`DemoConfig`) a cosine down to ``opd_min_lr_ratio`` at the last step, as slime's ``--lr-decay-style
+    cosine --min-lr``."""
+    warm = max(1, cfg.opd_warmup_steps)
+    if step < warm:
+        return (step + 1) / warm
+    floor = getattr(cfg, "opd_min_lr_ratio", 1.0)
+    span = max(1, cfg.opd_steps - warm)
+    done = min(1.0, (step - warm) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+
 def coverage(sample: Sample) -> float:
     """Share of the sample's response tokens that got a teacher signal (the plugin's stats; naive mode: 1)."""
     meta = sample.metadata.get("xvocab", {})
