@@ -109,7 +109,9 @@ class TeacherModel:
         model_dir: a Hugging Face model directory (config.json + weights), optionally with a tokenizer and
             ``xvocab_vocab_map.json``.
         device: ``"cpu"`` or ``"cuda"`` (or ``"cuda:N"``).
-        dtype: ``"float32"`` (default, exact) or ``"bfloat16"``; log-softmax is always done in float32.
+        dtype: ``"float32"`` (default, exact), ``"bfloat16"``, or ``"float64"`` (batch-invariant: a sequence's
+            answer does not depend on what it was batched with, at twice the CPU cost); log-softmax is always
+            done in float32.
         context_length: longest accepted input; default ``max_position_embeddings`` from the config.
         max_batch_tokens: padded tokens per forward; larger batches are split.
     """
@@ -127,7 +129,8 @@ class TeacherModel:
         from transformers import AutoModelForCausalLM
 
         self.model_dir = str(Path(model_dir).resolve())
-        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                       "float64": torch.float64}[dtype]
         self.dtype = dtype
         self.device = torch.device(device)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch_dtype)
@@ -504,8 +507,38 @@ def make_app(
         "num_scored_sequences": 0,
         "num_scored_tokens": 0,
         "num_errors": 0,
+        "num_model_calls": 0,  # scoring calls into the model; concurrent requests share one
     }
     open_paths = {"/health", "/health_generate"}
+    # Requests that arrive while the model is busy are scored together in its next forward, as SGLang batches
+    # concurrent requests (slime's reward hooks send one request per sample).
+    waiting: list[tuple[list[ScoreItem], asyncio.Future]] = []
+    draining: list[asyncio.Task] = []
+
+    async def drain() -> None:
+        loop = asyncio.get_running_loop()
+        while waiting:
+            batch = waiting[:]
+            waiting.clear()
+            counters["num_model_calls"] += 1
+            try:
+                await loop.run_in_executor(executor, tm.score, [it for items, _ in batch for it in items])
+            except Exception as e:  # noqa: BLE001 - every request of the failed forward gets the error
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+            else:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_result(None)
+        draining.clear()
+
+    async def score_together(items: list[ScoreItem]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        waiting.append((items, fut))
+        if not draining:
+            draining.append(asyncio.ensure_future(drain()))
+        await fut
 
     @web.middleware
     async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -529,9 +562,8 @@ def make_app(
         except RequestError as e:
             counters["num_errors"] += 1
             return _pydantic_style_error(str(e)) if e.status == -1 else _error(str(e), e.status)
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(executor, tm.score, items)
+            await score_together(items)
         except Exception as e:  # noqa: BLE001 - report model failures as SGLang does (500, object envelope)
             logger.exception("scoring failed")
             counters["num_errors"] += 1
@@ -650,7 +682,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"],
+                   help="float64: a sequence's answer does not depend on what it was batched with (reproducible runs)")
     p.add_argument("--context-length", type=int, default=None, help="longest input (default: from config)")
     p.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer <key>")

@@ -239,6 +239,29 @@ def test_client_against_server_batched_and_single(server, ref_model):
     np.testing.assert_allclose(single.log_probs, outs[0].log_probs, atol=1e-6)
 
 
+def test_concurrent_requests_share_a_forward_and_float64_answers_do_not_depend_on_it(tiny_model_dir, ref_model):
+    """SGLang scores concurrent requests together, and so does the reference server (slime's reward hooks send one
+    request per sample). With --dtype float64 an answer is the same whether it was scored alone or with others."""
+    import asyncio
+
+    bodies = [scoring_body(seq(10 + 3 * i, 40 + i), 2, top_logprobs_num=3) for i in range(12)]
+    with start_teacher_server(tiny_model_dir, extra_args=["--dtype", "float64"]) as h:
+        alone = [post(h, b).json() for b in bodies]
+
+        async def all_at_once():
+            async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
+                return await asyncio.gather(*(client.post(h.url + "/generate", json=b) for b in bodies))
+
+        together = [r.json() for r in asyncio.run(all_at_once())]
+        calls = httpx.get(h.url + "/server_info", trust_env=False).json()["num_model_calls"]
+    assert calls < 2 * len(bodies)  # one call per lone request, fewer for the twelve sent at once
+    for body, a, t in zip(bodies, alone, together, strict=True):
+        for key in ("input_token_logprobs", "input_top_logprobs"):
+            assert a["meta_info"][key] == t["meta_info"][key]
+        got = [lp for lp, _, _ in a["meta_info"]["input_token_logprobs"][1:]]  # the first one is None (SGLang)
+        np.testing.assert_allclose(got, token_log_probs(ref_model, body["input_ids"])[3:], atol=1e-5)
+
+
 def test_text_input_is_tokenised_with_special_tokens(server, ref_model):
     body = {
         "text": "hello world the teacher",

@@ -5,12 +5,15 @@ tokenizer (one token per digit) and chat template, the teacher the real Llama-3.
 per token) and chat template (``--student llama3_1`` swaps them). Both are tiny transformers
 (``Qwen3ForCausalLM`` / ``LlamaForCausalLM``) over compact vocabularies of real ids, initialised from the seed
 alone. The demo trains the teacher (SFT, cached) and a weak student (short SFT, cached), starts the reference
-teacher server on loopback, then trains the student from the same start in six arms at equal budget, over
+teacher server on loopback, then trains the student from the same start in eight arms at equal budget, over
 paired seeds (:mod:`slime_xvocab.demo.arms`):
 
-* ``ceiling``: OPD with the teacher's exact distribution in the student's tokens (as if it spoke the student's
-  tokenizer), in-process;
-* ``default``: OPD through the plugin's slime hooks and the teacher server, default credit
+* ``ceiling``: dense reverse KL to the teacher's exact distribution in the student's tokens (as if it spoke
+  the student's tokenizer), in-process;
+* ``dense``: the same loss with the plugin's dense targets (``xvocab_dense``: the teacher's top-20 projected
+  onto the student's vocabulary), through the plugin's slime hooks and the teacher server: the headline arm;
+* ``oracle_tok``: slime's sampled-token OPD with each token valued exactly, in-process;
+* ``default``: slime's sampled-token OPD through the plugin's hooks, default credit
   (``xvocab_credit_mode: student_token``);
 * ``uniform``: the same with ``xvocab_credit_mode: chunk``, ``xvocab_chunk_split: uniform``;
 * ``one_to_one``: the same with ``xvocab_credit_mode: exact`` (1:1 token matches only);
@@ -85,6 +88,7 @@ def cli_main(argv: list[str]) -> int:
     from rich.console import Console
 
     warnings.filterwarnings("ignore", message="The value of the smallest subnormal")
+    warnings.filterwarnings("ignore", message=".*past_key_values.*")  # transformers' deprecation, not ours to act on
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # tiny weights under weight decay otherwise slow the CPU down a lot
     console = Console()

@@ -23,9 +23,11 @@ Arms (names chosen not to clash with the plugin's settings):
 * ``sft``: supervised fine-tuning on teacher samples (temperature 1, re-tokenized by the student): what people
   do across tokenizers today. In-process.
 
-Every sampled-token arm (``oracle_tok`` and the four through hooks) uses the same update
-(:func:`slime_xvocab.demo.opd.opd_update`: slime's per-token advantage ``-(log pi_s - v)``, PPO clip, KL to the
-start); only the teacher value ``v`` differs. Evaluation is the same for
+``ceiling`` and ``dense`` use the same update (:func:`dense_update`: the plugin's bucket divergence,
+:func:`slime_xvocab.dense_loss.bucket_divergence`); only the teacher distribution differs. Every sampled-token
+arm (``oracle_tok`` and the four through hooks) uses the same update (:func:`slime_xvocab.demo.opd.opd_update`:
+slime's per-token advantage ``-(log pi_s - v)``, PPO clip, KL to the start); only the teacher value ``v``
+differs. Every arm gets the same learning-rate schedule (warm-up, then cosine decay). Evaluation is the same for
 every arm and in-process: greedy accuracy on the held-out problems, and the exact teacher's log-prob of
 temperature-1 student answers (reverse KL per byte).
 """

@@ -158,6 +158,11 @@ def report_lines(results: dict) -> list[str]:
              f"{summary[arms[0]]['kl_start'][0]:.3f} nats/byte",
              "recovered = the arm's change / the ceiling's change; cover = share of tokens with a teacher value"]
     lines += table_lines(summary)
+    if "dense" in summary and "ceiling" in summary:
+        d = summary["dense"]
+        lines += ["", "Headline (the dense loss; bar: 0.8 on both): the plugin's dense targets recover",
+                  f"  {_pm(*d['rec_acc'], '{:.2f}')} of the ceiling's accuracy gain and "
+                  f"{_pm(*d['rec_kl'], '{:.2f}')} of its reverse-KL gain"]
     extra = paired_lines(results["runs"])
     if extra:
         lines += ["", "Paired difference at the end to oracle_tok (slime's sampled-token loss with exact values):"]
@@ -257,7 +262,9 @@ def run_comparison(cfg, arms: list[str], seeds: list[int], jobs: int, out: Path,
     runs: list[dict] = []
     need_server = any(a in HOOK_ARMS for a in arms)
     t0 = time.time()
-    server = start_teacher_server(teacher_dir, port=0, num_threads=1) if need_server else None
+    # float64: the server's answers do not depend on which samples it scored together (reproducible runs)
+    server = start_teacher_server(teacher_dir, port=0, num_threads=1, extra_args=["--dtype", "float64"]) \
+        if need_server else None
     handle = server.__enter__() if server is not None else None
     try:
         url = handle.url if handle is not None else None
