@@ -89,6 +89,23 @@ def test_report_is_readable(tiny_run):
         tiny_run["summary"]["ceiling"]["rec_acc"][0])
 
 
+def test_a_run_repeats_exactly_whatever_ran_before_it_in_its_process(tiny_run, tmp_path):
+    """The ceiling and the dense arm of seed 1 again, in a process that ran only those two arms of seed 0 first
+    (the fixture's process ran all eight): every evaluation must be the same number."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "slime_xvocab.cli", "demo", "--tiny", "--arm", "dense", "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = json.loads((tmp_path / "metrics.json").read_text())["runs"]
+    first = {(r["arm"], r["seed"]): r["history"] for r in tiny_run["runs"]}
+    keys = ("accuracy", "reverse_kl_per_byte", "sampled_accuracy")
+    for r in again:
+        want = [{k: h[k] for k in keys} for h in first[(r["arm"], r["seed"])]]
+        assert [{k: h[k] for k in keys} for h in r["history"]] == want, (r["arm"], r["seed"])
+
+
 def test_compact_vocab_round_trip():
     v = CompactVocab([151644, 15, 16])
     assert v.to_model([16, 999]).tolist() == [2, 3]
