@@ -403,6 +403,33 @@ def align_lengths_flat(
     )
 
 
+def align_lengths(student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> Alignment:
+    """:func:`align_lengths_flat` for one sample, without the batch bookkeeping (a short response pays a few
+    numpy calls, not a few dozen). Same result as ``align_lengths_batch([s], [t])[0]``.
+
+    Raises:
+        ByteMismatchError: the two sides spell different numbers of bytes.
+    """
+    s_len = np.asarray(student_lengths, dtype=np.int64)
+    t_len = np.asarray(teacher_lengths, dtype=np.int64)
+    s_end, t_end = np.cumsum(s_len), np.cumsum(t_len)
+    s_bytes = int(s_end[-1]) if len(s_end) else 0
+    t_bytes = int(t_end[-1]) if len(t_end) else 0
+    if s_bytes != t_bytes:
+        raise ByteMismatchError(f"sample 0: student spells {s_bytes} bytes, teacher {t_bytes}")
+    s_text, t_text = s_len > 0, t_len > 0
+    t_flags = np.zeros(s_bytes + 1, dtype=bool)
+    t_flags[t_end[t_text]] = True
+    s_flags = np.zeros(s_bytes + 1, dtype=bool)
+    s_flags[s_end[s_text]] = True
+    s_closes = s_text & t_flags[s_end]  # this student token ends a chunk
+    t_closes = t_text & s_flags[t_end]
+    student_chunk = np.where(s_text, np.cumsum(s_closes) - s_closes, -1)
+    teacher_chunk = np.where(t_text, np.cumsum(t_closes) - t_closes, -1)
+    reason = np.where(s_text, np.int8(Unaligned.ALIGNED), np.int8(Unaligned.SPECIAL))
+    return Alignment(student_chunk, teacher_chunk, reason, int(np.count_nonzero(s_closes)))
+
+
 def _align_global(s_all, t_all, s_counts, t_counts, base, t_reach, bad_at, tail_reason) -> BatchAlignment:
     """The alignment core over samples laid end to end (``base``: sample byte offsets, ``n + 1``;
     ``t_reach``: absolute byte up to which the teacher encoded each sample)."""
@@ -583,15 +610,20 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
     are byte-precise; when its normaliser changed the text (Qwen3 composes NFD accents, Gemma-3 rewrites
     some characters), spans come from the offset mapping, which points back into the original text.
     """
-    text, char_starts, invalid = decode_with_byte_map(data)
+    try:  # valid UTF-8 (the usual case): the character map is only needed when the teacher rewrote text
+        text, char_starts, invalid = data.decode("utf-8"), None, None
+    except UnicodeDecodeError:
+        text, char_starts, invalid = decode_with_byte_map(data)
     if not text:
         empty = np.zeros(0, dtype=np.int64)
-        return TeacherEncoding(empty, empty.reshape(0, 2), True, invalid)
+        return TeacherEncoding(empty, empty.reshape(0, 2), True, np.zeros(len(data), dtype=bool))
     with tokenizer_lock(teacher_tokenizer):
         ids, offsets = _encode_continuation(teacher_tokenizer, teacher_table, text)
-    lengths = teacher_table.lengths_of(ids)
-    if not invalid.any() and teacher_table.bytes_of(ids) == data:
-        return TeacherEncoding(ids, spans_from_lengths(lengths), True, invalid)
+    if invalid is None and teacher_table.bytes_of(ids) == data:
+        return TeacherEncoding(ids, spans_from_lengths(teacher_table.lengths_of(ids)), True,
+                               np.zeros(len(data), dtype=bool))
+    if char_starts is None:
+        text, char_starts, invalid = decode_with_byte_map(data)
     spans = char_starts[np.clip(offsets, 0, len(text))]
     return TeacherEncoding(ids, spans, False, invalid)
 
@@ -651,7 +683,23 @@ def align_response(
     Returns:
         ``(teacher_encoding, alignment)``; the teacher's response ids are ``teacher_encoding.ids``.
     """
-    data = student_table.bytes_of(student_ids)
+    s_len = student_table.lengths_of(student_ids)
+    return align_response_bytes(
+        student_table.bytes_of(student_ids), s_len, teacher_tokenizer, teacher_table,
+        max_teacher_tokens=max_teacher_tokens,
+    )
+
+
+def align_response_bytes(
+    data: bytes,
+    student_lengths: np.ndarray,
+    teacher_tokenizer,
+    teacher_table: TokenBytes,
+    *,
+    max_teacher_tokens: int | None = None,
+) -> tuple[TeacherEncoding, Alignment]:
+    """:func:`align_response` from what a caller already has: the response's bytes and the byte length of
+    each student token (``student_table.lengths_of(ids)``, which spell ``data``)."""
     encoding = encode_bytes(teacher_tokenizer, teacher_table, data)
     teacher_end = len(data)
     if max_teacher_tokens is not None and len(encoding.ids) > max_teacher_tokens:
@@ -660,11 +708,8 @@ def align_response(
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
     if encoding.exact and teacher_end == len(data):
         # Byte-exact and complete (the usual case): token byte lengths alone place every token.
-        s_len = student_table.lengths_of(student_ids)
-        t_len = np.diff(encoding.spans, axis=1).reshape(-1)
-        counts = np.array([len(s_len)]), np.array([len(t_len)])
-        return encoding, align_lengths_flat(s_len, counts[0], t_len, counts[1])[0]
-    student_spans = response_spans(student_ids, student_table)
+        return encoding, align_lengths(student_lengths, encoding.spans[:, 1] - encoding.spans[:, 0])
+    student_spans = spans_from_lengths(student_lengths)
     alignment = align_spans(
         student_spans,
         encoding.spans,
