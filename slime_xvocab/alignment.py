@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -629,9 +630,68 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
 
 
 def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)`` as
+    (ids, offsets); straight through the Rust tokenizer where that is the same call (:func:`_direct_backend`),
+    which saves the ~20 µs transformers spends around it. The caller holds :func:`tokenizer_lock`."""
+    backend = _direct_backend(tokenizer)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        if not backend.encode_special_tokens:  # what transformers does for split_special_tokens=True
+            backend.encode_special_tokens = True
+        enc = backend.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+
+
+_DIRECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DIRECT_PROBES = ("Hello, world! 你好 🤖 <|eot_id|><|im_end|><end_of_turn></s>\n\n  x", "e\u0301 ﬁ\t\r\n1234567 ")
+
+
+def _direct_backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind ``tokenizer`` when encoding through it gives what the
+    transformers call gives, else None (decided once per tokenizer object).
+
+    That holds for a transformers v5 ``TokenizersBackend`` whose class keeps the base ``__call__`` and
+    ``_encode_plus`` (no subclass rewrites the text or the result): those set the backend's
+    ``encode_special_tokens`` flag, turn off truncation and padding, and call ``encode_batch``. Two probe
+    texts are encoded both ways as a check; any difference, or any other tokenizer, keeps the transformers call.
+    """
+    try:
+        cached = _DIRECT.get(tokenizer, False)
+    except TypeError:  # not weak-referenceable
+        return None
+    if cached is not False:
+        return cached
+    backend = None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers v4 (or none): keep its own call
+        TokenizersBackend = None
+    if (
+        TokenizersBackend is not None
+        and isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and not hasattr(tokenizer, "_switch_to_input_mode")
+    ):
+        candidate = tokenizer.backend_tokenizer
+        with tokenizer_lock(tokenizer):
+            for text in _DIRECT_PROBES:
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+                if candidate.truncation is not None or candidate.padding is not None:
+                    break
+                candidate.encode_special_tokens = True
+                direct = candidate.encode(text, add_special_tokens=False)
+                if direct.ids != enc["input_ids"] or [tuple(o) for o in direct.offsets] != [
+                    tuple(o) for o in enc["offset_mapping"]
+                ]:
+                    break
+            else:
+                backend = candidate
+    _DIRECT[tokenizer] = backend
+    return backend
 
 
 # Encoded in front of a continuation for tokenizers that add a dummy-prefix space, then removed again.

@@ -388,6 +388,7 @@ class _Candidates:
 
 def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: TokenBytes) -> _Candidates:
     n = len(ids)
+    first = None
     if top is None:
         c_pos, c_ids, c_lp = np.arange(n), ids.copy(), lps.copy()
         c_real = np.ones(n, dtype=bool)
@@ -396,10 +397,12 @@ def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: T
         if len(top) != n:
             raise ValueError(f"top-k has {len(top)} positions, the teacher scored {n}")
         if hasattr(top, "offsets"):  # sglang_wire.TopK: already flat
-            counts = np.diff(top.offsets)
+            offsets = np.asarray(top.offsets, dtype=np.int64)
+            counts = np.diff(offsets)
             t_ids, t_lp = np.asarray(top.ids, dtype=np.int64), np.asarray(top.lps, dtype=np.float64)
         else:
             counts = np.fromiter((len(t[0]) for t in top), dtype=np.int64, count=n)
+            offsets = np.concatenate([[0], np.cumsum(counts)])
             t_ids = np.concatenate([np.asarray(t[0], dtype=np.int64) for t in top]) if n else np.zeros(0, np.int64)
             t_lp = np.concatenate([np.asarray(t[1], dtype=np.float64) for t in top]) if n else np.zeros(0)
         t_pos = np.repeat(np.arange(n), counts)
@@ -407,19 +410,26 @@ def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: T
         listed = np.bincount(t_pos[t_real], minlength=n) > 0
         # Where the top-k missed the observed token, append it: it is on every path we count.
         missing = np.flatnonzero(~listed)
-        c_pos = np.concatenate([t_pos, missing])
-        c_ids = np.concatenate([t_ids, ids[missing]])
-        c_lp = np.concatenate([t_lp, lps[missing]])
-        c_real = np.concatenate([t_real, np.ones(len(missing), dtype=bool)])
-        order = np.argsort(c_pos, kind="stable")
-        c_pos, c_ids, c_lp, c_real = c_pos[order], c_ids[order], c_lp[order], c_real[order]
+        if len(missing):
+            c_pos = np.concatenate([t_pos, missing])
+            c_ids = np.concatenate([t_ids, ids[missing]])
+            c_lp = np.concatenate([t_lp, lps[missing]])
+            c_real = np.concatenate([t_real, np.ones(len(missing), dtype=bool)])
+            order = np.argsort(c_pos, kind="stable")
+            c_pos, c_ids, c_lp, c_real = c_pos[order], c_ids[order], c_lp[order], c_real[order]
+        else:  # the usual case: already in position order, and position i's candidates start at offsets[i]
+            c_pos, c_ids, c_lp, c_real, first = t_pos, t_ids, t_lp, t_real, offsets
         listed_mass = np.bincount(t_pos, weights=np.exp(t_lp), minlength=n)
         mass = float(np.minimum(listed_mass, 1.0).mean()) if n else 1.0
-    valid = (c_ids >= 0) & (c_ids < table.vocab_size)
-    safe = np.where(valid, c_ids, 0)
-    start = table.offsets[safe]
-    length = np.where(valid, table.offsets[safe + 1] - start, 0)
-    first = np.searchsorted(c_pos, np.arange(n + 1))
+    if not len(c_ids) or (c_ids.min() >= 0 and c_ids.max() < table.vocab_size):
+        start, length = table.offsets[c_ids], table.lengths[c_ids]
+    else:  # ids outside the table spell nothing
+        valid = (c_ids >= 0) & (c_ids < table.vocab_size)
+        safe = np.where(valid, c_ids, 0)
+        start = table.offsets[safe]
+        length = np.where(valid, table.offsets[safe + 1] - start, 0)
+    if first is None:
+        first = np.searchsorted(c_pos, np.arange(n + 1))
     return _Candidates(c_pos, c_ids, c_lp, c_real, start, length, first, mass)
 
 
@@ -440,15 +450,18 @@ def _match_lengths(c: _Candidates, starts: np.ndarray, text: np.ndarray, blob: n
     begin = starts[c.pos]
     live = np.flatnonzero((c.length > 0) & (begin < len(text)))
     live = live[blob[c.blob_start[live]] == text[begin[live]]]
-    owner, k = _segment_ranges(np.zeros(len(live), dtype=np.int64), c.length[live])
+    if not len(live):
+        return out
+    lengths = c.length[live]
+    seg_start = np.cumsum(lengths) - lengths
+    owner = np.repeat(np.arange(len(live)), lengths)
+    k = np.arange(int(seg_start[-1] + lengths[-1])) - seg_start[owner]  # byte k of its candidate
     at = begin[live][owner] + k
     agree = (at < len(text)) & (blob[c.blob_start[live][owner] + k] == text[np.minimum(at, len(text) - 1)])
-    # First disagreement per candidate: the smallest k that disagrees, else the full length.
-    first_bad = np.where(agree, np.iinfo(np.int64).max, k)
-    matched = c.length[live].copy()
-    if len(owner):
-        np.minimum.at(matched, owner, first_bad)
-    out[live] = matched
+    # First disagreement per candidate: the smallest k that disagrees, else the full length (every segment
+    # is non-empty, so one reduceat over the segment starts gives each candidate's minimum).
+    first_bad = np.where(agree, lengths[owner], k)
+    out[live] = np.minimum.reduceat(first_bad, seg_start)
     return out
 
 
@@ -476,8 +489,14 @@ class _ExtensionQueries:
         self.ext, self.teacher_table = ext, teacher_table
         self.blob = teacher_table.blob
         self._stride = teacher_table.vocab_size + 1
-        self._keys, self._vals = np.zeros(0, np.int64), np.zeros(0, bool)
-        self._new_keys, self._new_vals = np.zeros(0, np.int64), np.zeros(0, bool)
+        # The class of every teacher byte and the student's junction rule as one lookup: entry
+        # last_class * 7 + next_class is True where the pre-tokenizer may keep the two characters together.
+        self._byte_class = _BYTE_CLASS[self.blob]  # int8, like the sum below (at most 6 * 7 + 6)
+        self._last_class = ext.last_class * np.int8(7)
+        self._may_join = (~ext.junction_splits).reshape(-1)
+        # Answers in two sorted tables (a small one that takes new keys, folded into the main one now and
+        # then), each one (keys, values) tuple so a reader never pairs one table's keys with another's values.
+        self._main = self._new = _answer_table(np.zeros(0, np.int64), np.zeros(0, bool))
         self._lock = threading.Lock()
 
     def __call__(self, student_ids: np.ndarray, cand_ids: np.ndarray, offset: np.ndarray,
@@ -487,12 +506,12 @@ class _ExtensionQueries:
         live = np.flatnonzero((student_ids >= 0) & (rem_len > 0))
         if not len(live):
             return out
-        live = live[self.ext.may_change(student_ids[live], self.blob[rem_start[live]].astype(np.int64))]
+        live = live[self._may_change(student_ids[live], rem_start[live])]
         if not len(live):
             return out
         keys = (student_ids[live] * self._stride + cand_ids[live]) * 256 + np.minimum(offset[live], 255)
         known, value = self._lookup(keys)
-        out[live[known]] = value[known]
+        out[live] = value
         todo = live[~known]
         if len(todo):
             uniq, first = np.unique(keys[~known], return_index=True)
@@ -505,29 +524,48 @@ class _ExtensionQueries:
             self._remember(uniq[offset[todo[first]] < 255], answers[offset[todo[first]] < 255])
         return out
 
+    def _may_change(self, student_ids: np.ndarray, rem_start: np.ndarray) -> np.ndarray:
+        """:meth:`StudentExtensions.may_change` of the tokens and the teacher bytes at ``rem_start``, from the
+        precomputed class tables (ids outside the student vocabulary take the general path)."""
+        if student_ids.max() >= len(self._last_class):
+            return self.ext.may_change(student_ids, self.blob[rem_start].astype(np.int64))
+        return self._may_join[self._last_class[student_ids] + self._byte_class[rem_start]]
+
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        known = np.zeros(len(keys), dtype=bool)
-        value = np.zeros(len(keys), dtype=bool)
-        for table_keys, table_vals in ((self._keys, self._vals), (self._new_keys, self._new_vals)):
-            if len(table_keys):
-                at = np.minimum(np.searchsorted(table_keys, keys), len(table_keys) - 1)
+        """(known, value) per key: found in either table, and its answer there (False where unknown)."""
+        found = []
+        for table_keys, table_vals in (self._main, self._new):
+            if len(table_keys) > 1:  # more than the sentinel
+                at = np.searchsorted(table_keys, keys)  # the sentinel keeps ``at`` in range
                 hit = table_keys[at] == keys
-                known |= hit
-                value[hit] = table_vals[at[hit]]
-        return known, value
+                found.append((hit, table_vals[at] & hit))
+        if not found:
+            return np.zeros(len(keys), dtype=bool), np.zeros(len(keys), dtype=bool)
+        if len(found) == 1:
+            return found[0]
+        return found[0][0] | found[1][0], found[0][1] | found[1][1]
 
     def _remember(self, keys: np.ndarray, vals: np.ndarray) -> None:
         with self._lock:
-            new_keys = np.concatenate([self._new_keys, keys])
+            main_keys, main_vals = self._main[0][:-1], self._main[1][:-1]
+            new_keys = np.concatenate([self._new[0][:-1], keys])
             order = np.argsort(new_keys, kind="stable")
-            self._new_keys, self._new_vals = new_keys[order], np.concatenate([self._new_vals, vals])[order]
-            if len(self._new_keys) > max(4096, len(self._keys) // 8):  # fold into the main table, amortised
-                if len(self._keys) + len(self._new_keys) > self.MAX_ENTRIES:
-                    self._keys, self._vals = np.zeros(0, np.int64), np.zeros(0, bool)
-                merged = np.concatenate([self._keys, self._new_keys])
+            new_keys, new_vals = new_keys[order], np.concatenate([self._new[1][:-1], vals])[order]
+            if len(new_keys) > max(4096, len(main_keys) // 8):  # fold into the main table, amortised
+                if len(main_keys) + len(new_keys) > self.MAX_ENTRIES:
+                    main_keys, main_vals = np.zeros(0, np.int64), np.zeros(0, bool)
+                merged = np.concatenate([main_keys, new_keys])
                 order = np.argsort(merged, kind="stable")
-                self._keys, self._vals = merged[order], np.concatenate([self._vals, self._new_vals])[order]
-                self._new_keys, self._new_vals = np.zeros(0, np.int64), np.zeros(0, bool)
+                self._main = _answer_table(merged[order], np.concatenate([main_vals, new_vals])[order])
+                self._new = _answer_table(np.zeros(0, np.int64), np.zeros(0, bool))
+            else:
+                self._new = _answer_table(new_keys, new_vals)
+
+
+def _answer_table(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted keys and their answers, closed by a sentinel key above every real key (answer False), so a
+    search never runs off the end."""
+    return np.append(keys, np.iinfo(np.int64).max), np.append(vals, False)
 
 
 _QUERIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -702,18 +740,9 @@ def _prefix_mass(queries, query_ext, cands, match, t_start, t_end, path_before, 
     # Next-token distribution at a teacher boundary: the share of it that does not grow the student token.
     i = np.searchsorted(t_end, queries, side="right") - 1
     boundary = (i >= 0) & (t_end[np.maximum(i, 0)] == queries) & (i + 1 < len(cands.first) - 1)
-    log_keep = np.zeros(n_q)
     qb = np.flatnonzero(boundary)
-    if len(qb):
-        nxt = i[qb] + 1
-        owner, k = _segment_ranges(cands.first[nxt], cands.first[nxt + 1])
-        zero = np.zeros(len(k), dtype=np.int64)
-        grows = ~cands.real[k] & ask(query_ext[qb][owner], cands.ids[k], zero, cands.blob_start[k], cands.length[k])
-        p = np.exp(cands.lp[k])
-        grown = np.bincount(owner, weights=np.where(grows, p, 0.0), minlength=len(qb))
-        kept = np.bincount(owner, weights=np.where(grows, 0.0, p), minlength=len(qb))
-        with np.errstate(divide="ignore"):
-            log_keep[qb] = np.where(grown > 0, np.log(np.maximum(1.0 - grown, kept)), 0.0)
+    nxt = i[qb] + 1
+    b_owner, b_k = _segment_ranges(cands.first[nxt], cands.first[nxt + 1])
     # Paths through y: candidates at positions starting before y that agree with the text up to y.
     text_cand = np.flatnonzero(cands.pos < m)
     start = t_start[cands.pos[text_cand]]
@@ -723,10 +752,27 @@ def _prefix_mass(queries, query_ext, cands, match, t_start, t_end, path_before, 
     k = text_cand[owner]
     offset = queries[q] - start[owner]
     rest = cands.length[k] - offset
-    grows = (rest > 0) & ~cands.real[k]
-    g = grows
-    grows[g] = ask(query_ext[q[g]], cands.ids[k[g]], offset[g], cands.blob_start[k[g]] + offset[g], rest[g])
+    g = np.flatnonzero((rest > 0) & ~cands.real[k])
+    # Both kinds of question go to the student tokenizer in one call: at a boundary, does the next teacher
+    # token grow the student token (offset 0); inside a candidate, do its remaining bytes grow it.
+    nb = len(b_k)
+    answers = ask(
+        np.concatenate([query_ext[qb][b_owner], query_ext[q[g]]]),
+        np.concatenate([cands.ids[b_k], cands.ids[k[g]]]),
+        np.concatenate([np.zeros(nb, dtype=np.int64), offset[g]]),
+        np.concatenate([cands.blob_start[b_k], cands.blob_start[k[g]] + offset[g]]),
+        np.concatenate([cands.length[b_k], rest[g]]),
+    )
+    log_keep = np.zeros(n_q)
+    if len(qb):
+        grows = ~cands.real[b_k] & answers[:nb]
+        p = np.exp(cands.lp[b_k])
+        grown = np.bincount(b_owner, weights=np.where(grows, p, 0.0), minlength=len(qb))
+        kept = np.bincount(b_owner, weights=np.where(grows, 0.0, p), minlength=len(qb))
+        with np.errstate(divide="ignore"):
+            log_keep[qb] = np.where(grown > 0, np.log(np.maximum(1.0 - grown, kept)), 0.0)
+    keep = np.ones(len(k), dtype=bool)
+    keep[g] = ~answers[nb:]
     log_ne = np.where(rest > 0, 0.0, log_keep[q])
     terms = path_before[cands.pos[k]] + cands.lp[k] + log_ne
-    keep = ~grows
     return _logsumexp_by(terms[keep], q[keep], n_q)

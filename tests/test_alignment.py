@@ -332,6 +332,27 @@ def test_batch_alignment_equals_sample_by_sample(tokenizers, tables):
         np.testing.assert_array_equal(values[i], assign_credit(single, t_lps[i], s_lps[i]))
 
 
+@pytest.mark.parametrize("family", TEST_FAMILIES)
+def test_direct_encode_equals_the_transformers_call(family, tokenizers):
+    """_encode_text goes straight to the Rust tokenizer where that is the same call: same ids and offsets as
+    tokenizer(text, split_special_tokens=True, ...) on every test text and on random text, before and after
+    a call that parses special tokens (which flips the shared flag back)."""
+    from slime_xvocab.alignment import _direct_backend, _encode_text
+
+    tok = tokenizers[family]
+    assert _direct_backend(tok) is not None  # every test family is a plain TokenizersBackend
+    rng = np.random.default_rng(7)
+    alphabet = list("ab Z9 \t\n.,'<|>_") + ["é", "你", "🤖", "\u0301", "ﬁ", "<|eot_id|>", "<|im_end|>", "</s>"]
+    texts = list(TEXTS.values()) + ["".join(rng.choice(alphabet, size=rng.integers(1, 30))) for _ in range(60)]
+    for i, text in enumerate(texts):
+        if i % 7 == 0:
+            tok("<|im_end|> parsed", add_special_tokens=False)  # another caller's settings in between
+        want = tok(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+        ids, offsets = _encode_text(tok, text)
+        assert ids.tolist() == want["input_ids"], (family, text)
+        assert offsets.tolist() == [list(o) for o in want["offset_mapping"]], (family, text)
+
+
 def test_single_sample_lengths_path_equals_the_batch_path():
     """align_lengths (one sample, few numpy calls) against align_lengths_batch and align_spans on random
     tokenizations of random byte strings, special (zero-length) tokens included on both sides."""
