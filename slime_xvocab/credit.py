@@ -534,9 +534,10 @@ class _ExtensionQueries:
     def _lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(known, value) per key: found in either table, and its answer there (False where unknown)."""
         found = []
+        order = np.argsort(keys) if len(keys) > _SORT_KEYS_ABOVE else None
         for table_keys, table_vals in (self._main, self._new):
             if len(table_keys) > 1:  # more than the sentinel
-                at = np.searchsorted(table_keys, keys)  # the sentinel keeps ``at`` in range
+                at = _search(table_keys, keys, order)  # the sentinel keeps ``at`` in range
                 hit = table_keys[at] == keys
                 found.append((hit, table_vals[at] & hit))
         if not found:
@@ -560,6 +561,20 @@ class _ExtensionQueries:
                 self._new = _answer_table(np.zeros(0, np.int64), np.zeros(0, bool))
             else:
                 self._new = _answer_table(new_keys, new_vals)
+
+
+#: Above this many keys, :meth:`_ExtensionQueries._lookup` searches them in sorted order: a binary search for
+#: ascending keys stays in cache (3-4x faster for 10k keys in a 200k table), and sorting 10k keys costs less.
+_SORT_KEYS_ABOVE = 1024
+
+
+def _search(table: np.ndarray, keys: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """``np.searchsorted(table, keys)``, searching the keys in ``order`` (an argsort of them) when given."""
+    if order is None:
+        return np.searchsorted(table, keys)
+    at = np.empty(len(keys), dtype=np.intp)
+    at[order] = np.searchsorted(table, keys[order])
+    return at
 
 
 def _answer_table(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -743,8 +758,9 @@ def _prefix_mass(queries, query_ext, cands, match, t_start, t_end, path_before, 
     qb = np.flatnonzero(boundary)
     nxt = i[qb] + 1
     b_owner, b_k = _segment_ranges(cands.first[nxt], cands.first[nxt + 1])
-    # Paths through y: candidates at positions starting before y that agree with the text up to y.
-    text_cand = np.flatnonzero(cands.pos < m)
+    # Paths through y: candidates at positions starting before y that agree with the text up to y (one that
+    # agrees with none of it reaches no y; most candidates differ at their first byte).
+    text_cand = np.flatnonzero((cands.pos < m) & (match > 0))
     start = t_start[cands.pos[text_cand]]
     lo = np.searchsorted(queries, start, side="right")
     hi = np.searchsorted(queries, start + match[text_cand], side="right")
