@@ -637,7 +637,9 @@ def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     if backend is not None and backend.truncation is None and backend.padding is None:
         if not backend.encode_special_tokens:  # what transformers does for split_special_tokens=True
             backend.encode_special_tokens = True
-        enc = backend.encode(text, add_special_tokens=False)
+        # encode_batch, as transformers calls it: unlike encode, it lets go of the GIL while it works, so a
+        # long response encoded in a worker thread does not stall the event loop.
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
         return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
@@ -654,7 +656,7 @@ def _direct_backend(tokenizer):
 
     That holds for a transformers v5 ``TokenizersBackend`` whose class keeps the base ``__call__`` and
     ``_encode_plus`` (no subclass rewrites the text or the result): those set the backend's
-    ``encode_special_tokens`` flag, turn off truncation and padding, and call ``encode_batch``. Two probe
+    ``encode_special_tokens`` flag, turn off truncation and padding, and call ``encode_batch`` on the text. Two probe
     texts are encoded both ways as a check; any difference, or any other tokenizer, keeps the transformers call.
     """
     try:
@@ -683,7 +685,7 @@ def _direct_backend(tokenizer):
                 if candidate.truncation is not None or candidate.padding is not None:
                     break
                 candidate.encode_special_tokens = True
-                direct = candidate.encode(text, add_special_tokens=False)
+                direct = candidate.encode_batch([text], add_special_tokens=False)[0]
                 if direct.ids != enc["input_ids"] or [tuple(o) for o in direct.offsets] != [
                     tuple(o) for o in enc["offset_mapping"]
                 ]:
