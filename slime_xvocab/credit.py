@@ -436,8 +436,10 @@ def _candidates(ids: np.ndarray, lps: np.ndarray, top: Sequence | None, table: T
 def _segment_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(owner, index) for every index in ``[lo[k], hi[k])``, for all k at once."""
     counts = np.maximum(hi - lo, 0)
-    owner = np.repeat(np.arange(len(lo)), counts)
-    index = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts) + lo[owner]
+    ends = counts.cumsum()
+    owner = np.arange(len(lo)).repeat(counts)
+    # Index = rank inside its segment + lo = position in the output - where the segment starts there + lo.
+    index = np.arange(int(ends[-1]) if len(ends) else 0) + (lo - (ends - counts)).repeat(counts)
     return owner, index
 
 
@@ -652,12 +654,9 @@ def student_token_credit(
     s_spans = np.asarray(view.student_spans, dtype=np.int64)
     s_text = s_spans[:, 1] > s_spans[:, 0]
     aligned = alignment.student_chunk >= 0
-    # The previous text token of every position: the one whose "not extended" event holds at its start.
-    text_pos = np.flatnonzero(s_text)
-    prev_text = np.full(n, -1, dtype=np.int64)
-    if len(text_pos):
-        k = np.searchsorted(text_pos, np.arange(n), side="left") - 1
-        prev_text = np.where(k >= 0, text_pos[np.maximum(k, 0)], -1)
+    # The previous text token of every position: the one whose "not extended" event holds at its start (the
+    # running maximum of the text positions seen so far, shifted by one).
+    prev_text = np.concatenate([[-1], np.maximum.accumulate(np.where(s_text, np.arange(n), -1))[:-1]])
 
     plan = _plan(view, alignment, s_spans, s_text & aligned, t_start, t_end, text, prev_text, s_ids, m)
     ask = _extension_queries(extensions, teacher_table) if isinstance(extensions, StudentExtensions) else extensions
