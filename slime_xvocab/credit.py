@@ -448,23 +448,85 @@ def _match_lengths(c: _Candidates, starts: np.ndarray, text: np.ndarray, blob: n
     out = np.zeros(len(c.length), dtype=np.int64)
     if not len(text):
         return out
-    # Most candidates differ at their first byte: settle those before expanding the rest byte by byte.
+    # Most candidates differ at their first byte: settle those before comparing the rest.
     begin = starts[c.pos]
     live = np.flatnonzero((c.length > 0) & (begin < len(text)))
     live = live[blob[c.blob_start[live]] == text[begin[live]]]
     if not len(live):
         return out
-    lengths = c.length[live]
-    seg_start = np.cumsum(lengths) - lengths
-    owner = np.repeat(np.arange(len(live)), lengths)
-    k = np.arange(int(seg_start[-1] + lengths[-1])) - seg_start[owner]  # byte k of its candidate
-    at = begin[live][owner] + k
-    agree = (at < len(text)) & (blob[c.blob_start[live][owner] + k] == text[np.minimum(at, len(text) - 1)])
+    cand_at, text_at, length = c.blob_start[live], begin[live], c.length[live]
+    if int(length.sum()) <= _WORDS_ABOVE:
+        out[live] = _matched_bytes(cand_at, text_at, length, text, blob)
+    else:
+        out[live] = _matched_words(cand_at, text_at, length, text, blob)
+    return out
+
+
+#: :func:`_match_lengths` compares byte by byte up to this many candidate bytes in all, eight bytes at a time
+#: above (fewer, larger steps: about half the time for a 2k-token response; slower for a short one).
+_WORDS_ABOVE = 4096
+
+
+def _matched_bytes(cand_at, text_at, length, text, blob) -> np.ndarray:
+    """Leading bytes shared by each candidate (``blob[cand_at:cand_at + length]``, ``length > 0``) and
+    ``text[text_at:]``, comparing every byte of every candidate at once."""
+    seg_start = np.cumsum(length) - length
+    owner = np.repeat(np.arange(len(length)), length)
+    k = np.arange(int(seg_start[-1] + length[-1])) - seg_start[owner]  # byte k of its candidate
+    at = text_at[owner] + k
+    agree = (at < len(text)) & (blob[cand_at[owner] + k] == text[np.minimum(at, len(text) - 1)])
     # First disagreement per candidate: the smallest k that disagrees, else the full length (every segment
     # is non-empty, so one reduceat over the segment starts gives each candidate's minimum).
-    first_bad = np.where(agree, lengths[owner], k)
-    out[live] = np.minimum.reduceat(first_bad, seg_start)
-    return out
+    return np.minimum.reduceat(np.where(agree, length[owner], k), seg_start)
+
+
+def _matched_words(cand_at, text_at, length, text, blob) -> np.ndarray:
+    """:func:`_matched_bytes` eight bytes at a time: one 64-bit word of the candidate against one of the text."""
+    blob_words, text_words = _byte_words(blob), _words(text)
+    matched = np.zeros(len(length), dtype=np.int64)
+    todo = np.arange(len(length))
+    while len(todo):
+        k = matched[todo]  # bytes of these candidates matched so far (a multiple of 8)
+        valid = np.minimum(np.minimum(length[todo] - k, len(text) - (text_at[todo] + k)), 8)
+        same = np.minimum(_equal_leading_bytes(blob_words[cand_at[todo] + k] ^ text_words[text_at[todo] + k]), valid)
+        matched[todo] = k + same
+        todo = todo[(same == 8) & (length[todo] > k + 8) & (len(text) > text_at[todo] + k + 8)]
+    return matched
+
+
+def _words(data: np.ndarray) -> np.ndarray:
+    """uint64 ``[len(data)]``: the eight bytes starting at every position as one little-endian word (zeros
+    past the end), so a comparison of up to eight bytes is one XOR."""
+    padded = np.zeros(len(data) + 8, dtype=np.uint8)
+    padded[: len(data)] = data
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 8)[: len(data)]
+    return np.ascontiguousarray(windows).view("<u8").reshape(-1)
+
+
+_BLOB_WORDS: dict[int, tuple[Any, np.ndarray]] = {}
+_BLOB_WORDS_LOCK = threading.Lock()
+
+
+def _byte_words(blob: np.ndarray) -> np.ndarray:
+    """:func:`_words` of a token table's blob, built once per blob (eight bytes of memory per blob byte)."""
+    with _BLOB_WORDS_LOCK:
+        hit = _BLOB_WORDS.get(id(blob))
+        if hit is not None and hit[0]() is blob:
+            return hit[1]
+    words = _words(blob)
+    with _BLOB_WORDS_LOCK:
+        for key in [k for k, (ref, _) in _BLOB_WORDS.items() if ref() is None]:  # blobs gone since
+            del _BLOB_WORDS[key]
+        _BLOB_WORDS[id(blob)] = (weakref.ref(blob), words)
+    return words
+
+
+def _equal_leading_bytes(diff: np.ndarray) -> np.ndarray:
+    """int64: how many low-order bytes of each uint64 are zero (8 for 0): the bytes two little-endian words
+    share before their first difference."""
+    lowest = diff & (~diff + np.uint64(1))  # the lowest set bit alone (0 stays 0)
+    bit = np.frexp(lowest.astype(np.float64))[1] - 1  # its index: powers of two are exact in float64
+    return np.where(diff == 0, 8, bit // 8).astype(np.int64)
 
 
 def _logsumexp_by(values: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:

@@ -316,3 +316,38 @@ def test_every_mode_gives_finite_log_probs_of_the_right_length(student, teacher,
     if fully and result.clamped == 0 and len(view.probe_ids) == 0:
         # Documented: over an aligned answer that ends its turn the values telescope to the teacher's total.
         assert float(result.values.astype(np.float64).sum()) == pytest.approx(float(lps.sum()), abs=1e-3)
+
+
+@pytest.mark.parametrize("words_above", [0, 1 << 30])
+def test_match_lengths_equal_a_plain_count(words_above, monkeypatch):
+    """_match_lengths (eight bytes at a time, or byte by byte for few bytes: both forced here) against a plain
+    count of the leading bytes each candidate shares with the text from its position's start, on random blobs
+    and texts with long tokens, candidates that run past the text's end, empty tokens and positions at the end."""
+    from slime_xvocab import credit
+    from slime_xvocab.credit import _Candidates, _match_lengths
+
+    monkeypatch.setattr(credit, "_WORDS_ABOVE", words_above)
+
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        text = rng.integers(0, 3, size=rng.integers(0, 60)).astype(np.uint8)  # 3 symbols: long agreements
+        pieces = [rng.integers(0, 3, size=rng.integers(0, 26)).astype(np.uint8) for _ in range(40)]
+        for piece in pieces[:10]:  # some candidates copy the text, some run past its end
+            at = int(rng.integers(0, len(text) + 1))
+            piece[: max(0, min(len(piece), len(text) - at))] = text[at:at + len(piece)]
+        blob = np.concatenate(pieces)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+        n_pos = int(rng.integers(1, 8))
+        starts = np.sort(rng.integers(0, len(text) + 1, size=n_pos))
+        ids = rng.integers(0, len(pieces), size=int(rng.integers(0, 50)))
+        pos = np.sort(rng.integers(0, n_pos, size=len(ids)))
+        cands = _Candidates(pos, ids, np.zeros(len(ids)), np.zeros(len(ids), bool), offsets[ids],
+                            offsets[ids + 1] - offsets[ids], np.searchsorted(pos, np.arange(n_pos + 1)), 1.0)
+        want = []
+        for p, i in zip(pos.tolist(), ids.tolist()):
+            piece, rest = pieces[i], text[starts[p]:]
+            k = 0
+            while k < len(piece) and k < len(rest) and piece[k] == rest[k]:
+                k += 1
+            want.append(k)
+        assert _match_lengths(cands, starts, text, blob).tolist() == want
