@@ -630,14 +630,16 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
                                np.zeros(len(data), dtype=bool))
     if char_starts is None:
         text, char_starts, invalid = decode_with_byte_map(data)
-    spans = char_starts[np.clip(offsets, 0, len(text))]
+    spans = char_starts[np.clip(_offset_array(offsets), 0, len(text))]
     return TeacherEncoding(ids, spans, False, invalid)
 
 
-def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, Sequence]:
     """``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)`` as
-    (ids, offsets); straight through the Rust tokenizer where that is the same call (:func:`_direct_backend`),
-    which saves the ~20 µs transformers spends around it. The caller holds :func:`tokenizer_lock`."""
+    (int64 ids, offsets as the tokenizer gave them: (start, end) character pairs; :func:`_offset_array` makes
+    the array, only when a caller needs it); straight through the Rust tokenizer where that is the same call
+    (:func:`_direct_backend`), which saves the ~20 µs transformers spends around it. The caller holds
+    :func:`tokenizer_lock`."""
     backend = _direct_backend(tokenizer)
     if backend is not None and backend.truncation is None and backend.padding is None:
         if not backend.encode_special_tokens:  # what transformers does for split_special_tokens=True
@@ -645,10 +647,14 @@ def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
         # encode_batch, as transformers calls it: unlike encode, it lets go of the GIL while it works, so a
         # long response encoded in a worker thread does not stall the event loop.
         enc = backend.encode_batch([text], add_special_tokens=False)[0]
-        return np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        return np.asarray(enc.ids, dtype=np.int64), enc.offsets
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return np.asarray(enc["input_ids"], dtype=np.int64), enc["offset_mapping"]
+
+
+def _offset_array(offsets: Sequence) -> np.ndarray:
+    """int64 ``[n, 2]`` character offsets from what :func:`_encode_text` returned (pairs or an array)."""
+    return np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
 
 _DIRECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -705,8 +711,9 @@ def _direct_backend(tokenizer):
 _ANCHOR = "\n"
 
 
-def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``text`` as the continuation of earlier text: no dummy-prefix space in front of it.
+def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.ndarray, Sequence]:
+    """Encode ``text`` as the continuation of earlier text: no dummy-prefix space in front of it. Returns
+    (ids, offsets) as :func:`_encode_text` does.
 
     SentencePiece tokenizers with ``add_dummy_prefix`` (Llama-2, Mistral v1-v3, Phi-3) encode ``"Hello"``
     as ``"▁Hello"``: a space the response does not have. For them the text is encoded after an anchor
@@ -716,12 +723,13 @@ def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.nd
     if not table.adds_dummy_prefix:
         return _encode_text(tokenizer, text)
     ids, offsets = _encode_text(tokenizer, _ANCHOR + text)
+    offsets = _offset_array(offsets)
     first = int(np.searchsorted(offsets[:, 1], len(_ANCHOR), side="right"))  # first token past the anchor
     if first < len(ids) and offsets[first, 0] >= len(_ANCHOR) and table.bytes_of(ids[first:]) == text.encode():
         return ids[first:], offsets[first:] - len(_ANCHOR)
     ids, offsets = _encode_text(tokenizer, text)
     if len(ids) and not text.startswith(" ") and table.bytes_of(ids[:1]) == b" ":
-        ids, offsets = ids[1:], offsets[1:]
+        ids, offsets = ids[1:], _offset_array(offsets)[1:]
     return ids, offsets
 
 
