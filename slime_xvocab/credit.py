@@ -760,51 +760,73 @@ def _plan(view, alignment, s_spans, text_aligned, t_start, t_end, text, prev_tex
     ext_before = np.where(prev_text >= 0, s_ids[np.maximum(prev_text, 0)], -1)
     direct: list = []
     uniform: list = []
+    # reads: (positions, the student token that must not grow at each), in the order the queries are
+    # first met (the first read of a position names its token).
     if view.exact_bytes:
         tok = np.flatnonzero(text_aligned)
         if len(tok):
             direct.append((tok, s_spans[tok, 0], s_spans[tok, 1]))
+        reads = [(np.concatenate([y0, y1]), np.concatenate([ext_before[p], s_ids[p]])) for p, y0, y1 in direct]
     else:
-        direct, uniform = _plan_rewritten(view.response_bytes, alignment, s_spans, text_aligned, t_start, t_end,
-                                          text, m)
-    reads = [(y0, ext_before[p], y1, s_ids[p]) for p, y0, y1 in direct]
-    reads += [(np.array([y0]), ext_before[p[:1]], np.array([y1]), s_ids[p[-1:]]) for p, y0, y1 in uniform]
+        direct, uniform, direct_reads = _plan_rewritten(
+            view.response_bytes, alignment, s_spans, text_aligned, t_start, t_end, text, m, ext_before, s_ids
+        )
+        reads = [direct_reads]
+    reads += [(np.array([y0, y1]), np.concatenate([ext_before[p[:1]], s_ids[p[-1:]]])) for p, y0, y1 in uniform]
     end_of_turn = []
     for j in np.flatnonzero((s_chunk >= 0) & (s_spans[:, 1] == s_spans[:, 0])).tolist():
         t_pos = np.flatnonzero(t_chunk == s_chunk[j])
         if len(t_pos) and (t_pos >= m).all():
             end_of_turn.append((j, t_pos))
-            reads.append((np.array([len(text)]), ext_before[j:j + 1], np.zeros(0, np.int64), np.zeros(0, np.int64)))
-    pos = np.concatenate([np.concatenate([a, c]) for a, _, c, _ in reads]) if reads else np.zeros(0, np.int64)
-    ext = np.concatenate([np.concatenate([b, d]) for _, b, _, d in reads]) if reads else np.zeros(0, np.int64)
+            reads.append((np.array([len(text)]), ext_before[j:j + 1]))
+    pos = np.concatenate([a for a, _ in reads]).astype(np.int64) if reads else np.zeros(0, np.int64)
+    ext = np.concatenate([b for _, b in reads]) if reads else np.zeros(0, np.int64)
     keep = pos > 0
     queries, first = np.unique(pos[keep], return_index=True)
     return _Plan(queries, ext[keep][first].astype(np.int64), direct, uniform, end_of_turn)
 
 
-def _plan_rewritten(data, alignment, s_spans, text_aligned, t_start, t_end, text, m):
-    """A teacher normaliser rewrote some text: chunks whose bytes still match map byte for byte, the
-    others are valued at their edges and split evenly."""
+def _plan_rewritten(data, alignment, s_spans, text_aligned, t_start, t_end, text, m, ext_before, s_ids):
+    """A teacher normaliser rewrote some text: chunks whose bytes still match map byte for byte (one ``direct``
+    entry for all of them), the others are valued at their edges and split evenly (``uniform``, one entry per
+    chunk). Also returns the direct chunks' reads for :func:`_plan`, chunk by chunk: a chunk's token starts,
+    then its token ends."""
     s_chunk = np.where(text_aligned, alignment.student_chunk, -1)
     t_chunk = np.where(np.arange(alignment.n_teacher) < m, alignment.teacher_chunk, -1)
     n_chunks = alignment.num_chunks
     s_order, t_order = np.argsort(s_chunk, kind="stable"), np.argsort(t_chunk, kind="stable")
     s_bounds = np.searchsorted(s_chunk[s_order], np.arange(n_chunks + 1))
     t_bounds = np.searchsorted(t_chunk[t_order], np.arange(n_chunks + 1))
-    direct, uniform = [], []
-    text_bytes = text.tobytes()
-    for c in range(n_chunks):
-        toks = s_order[s_bounds[c]:s_bounds[c + 1]]
-        tpos = t_order[t_bounds[c]:t_bounds[c + 1]]
-        if not len(toks) or not len(tpos):
-            continue
-        ya, yb = int(t_start[tpos[0]]), int(t_end[tpos[-1]])
-        xa, xb = int(s_spans[toks[0], 0]), int(s_spans[toks[-1], 1])
-        if data[xa:xb] == text_bytes[ya:yb]:
-            direct.append((toks, s_spans[toks, 0] - xa + ya, s_spans[toks, 1] - xa + ya))
-        else:
-            uniform.append((toks, ya, yb))
-    return direct, uniform
+    both = np.flatnonzero((s_bounds[1:] > s_bounds[:-1]) & (t_bounds[1:] > t_bounds[:-1]))
+    s_lo, s_hi = s_bounds[both], s_bounds[both + 1]
+    ya, yb = t_start[t_order[t_bounds[both]]], t_end[t_order[t_bounds[both + 1] - 1]]
+    xa, xb = s_spans[s_order[s_lo], 0], s_spans[s_order[s_hi - 1], 1]
+    same = _same_ranges(np.frombuffer(data, dtype=np.uint8), xa, xb, text, ya, yb)
+    direct = []
+    owner, at = _segment_ranges(s_lo[same], s_hi[same])
+    toks = s_order[at]
+    shift = (ya - xa)[same][owner]
+    y0, y1 = s_spans[toks, 0] + shift, s_spans[toks, 1] + shift
+    if len(toks):
+        direct.append((toks, y0, y1))
+    uniform = [(s_order[lo:hi], int(a), int(b)) for lo, hi, a, b in zip(
+        s_lo[~same].tolist(), s_hi[~same].tolist(), ya[~same].tolist(), yb[~same].tolist())]
+    # Reads in chunk order, and inside a chunk the starts before the ends (a stable sort keeps token order).
+    order = np.argsort(np.concatenate([owner * 2, owner * 2 + 1]), kind="stable")
+    reads = (np.concatenate([y0, y1])[order], np.concatenate([ext_before[toks], s_ids[toks]])[order])
+    return direct, uniform, reads
+
+
+def _same_ranges(x: np.ndarray, x_lo: np.ndarray, x_hi: np.ndarray, y: np.ndarray, y_lo: np.ndarray,
+                 y_hi: np.ndarray) -> np.ndarray:
+    """bool per range pair: ``x[x_lo:x_hi]`` and ``y[y_lo:y_hi]`` hold the same bytes (all pairs compared at once)."""
+    same = (x_hi - x_lo) == (y_hi - y_lo)
+    idx = np.flatnonzero(same & (x_hi > x_lo))
+    if len(idx):
+        owner, k = _segment_ranges(np.zeros(len(idx), dtype=np.int64), (x_hi - x_lo)[idx])
+        differs = x[x_lo[idx][owner] + k] != y[y_lo[idx][owner] + k]
+        same[idx[np.unique(owner[differs])]] = False
+    return same
 
 
 def _prefix_mass(queries, query_ext, cands, match, t_start, t_end, path_before, m, ask) -> np.ndarray:
