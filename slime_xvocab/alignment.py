@@ -409,6 +409,13 @@ def align_lengths(student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> A
     """:func:`align_lengths_flat` for one sample, without the batch bookkeeping (a short response pays a few
     numpy calls, not a few dozen). Same result as ``align_lengths_batch([s], [t])[0]``.
 
+    Args:
+        student_lengths: int ``[n_student]``: bytes spelled by each student token (0 for special tokens).
+        teacher_lengths: int ``[n_teacher]``: the same for the teacher tokens, which must spell the same bytes.
+
+    Returns:
+        The :class:`Alignment`; zero-length tokens are unaligned (students' with reason ``SPECIAL``).
+
     Raises:
         ByteMismatchError: the two sides spell different numbers of bytes.
     """
@@ -773,8 +780,16 @@ def align_response_bytes(
     *,
     max_teacher_tokens: int | None = None,
 ) -> tuple[TeacherEncoding, Alignment]:
-    """:func:`align_response` from what a caller already has: the response's bytes and the byte length of
-    each student token (``student_table.lengths_of(ids)``, which spell ``data``)."""
+    """:func:`align_response` from what a caller already has, so nothing is looked up twice.
+
+    Args:
+        data: the bytes the student's response ids spell (``student_table.bytes_of(ids)``).
+        student_lengths: int64 ``[n_student]``: ``student_table.lengths_of(ids)``, summing to ``len(data)``.
+        teacher_tokenizer, teacher_table, max_teacher_tokens: as for :func:`align_response`.
+
+    Returns:
+        ``(teacher_encoding, alignment)``, as :func:`align_response` returns them.
+    """
     encoding = encode_bytes(teacher_tokenizer, teacher_table, data)
     teacher_end = len(data)
     if max_teacher_tokens is not None and len(encoding.ids) > max_teacher_tokens:

@@ -467,7 +467,8 @@ def _match_lengths(c: _Candidates, starts: np.ndarray, text: np.ndarray, blob: n
 _WORDS_ABOVE = 4096
 
 
-def _matched_bytes(cand_at, text_at, length, text, blob) -> np.ndarray:
+def _matched_bytes(cand_at: np.ndarray, text_at: np.ndarray, length: np.ndarray, text: np.ndarray,
+                   blob: np.ndarray) -> np.ndarray:
     """Leading bytes shared by each candidate (``blob[cand_at:cand_at + length]``, ``length > 0``) and
     ``text[text_at:]``, comparing every byte of every candidate at once."""
     seg_start = np.cumsum(length) - length
@@ -480,7 +481,8 @@ def _matched_bytes(cand_at, text_at, length, text, blob) -> np.ndarray:
     return np.minimum.reduceat(np.where(agree, length[owner], k), seg_start)
 
 
-def _matched_words(cand_at, text_at, length, text, blob) -> np.ndarray:
+def _matched_words(cand_at: np.ndarray, text_at: np.ndarray, length: np.ndarray, text: np.ndarray,
+                   blob: np.ndarray) -> np.ndarray:
     """:func:`_matched_bytes` eight bytes at a time: one 64-bit word of the candidate against one of the text."""
     blob_words, text_words = _byte_words(blob), _words(text)
     matched = np.zeros(len(length), dtype=np.int64)

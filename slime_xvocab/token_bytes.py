@@ -140,8 +140,8 @@ class TokenBytes:
         return b"".join(map(self._pieces.__getitem__, ids))
 
 
-#: :meth:`TokenBytes.bytes_of` joins Python ``bytes`` up to this many ids (measured: faster than the numpy gather
-#: up to about 1k ids; below 256 by 2-6x).
+#: :meth:`TokenBytes.bytes_of` joins Python ``bytes`` up to this many ids (measured on Qwen3's table: 6x faster
+#: than the numpy gather at 33 ids, 1.5x at 256, even at about 1k).
 _JOIN_BELOW = 256
 
 
