@@ -34,6 +34,7 @@ from test_credit import RESPONSE_SETS, builder_for, mode_errors, usable, wide_te
 
 from slime_xvocab.assets import TEST_FAMILIES, load_tokenizer  # noqa: E402
 from slime_xvocab.credit import StudentExtensions, assign_credit, student_token_credit  # noqa: E402
+from slime_xvocab.sglang_wire import TopK  # noqa: E402
 
 MODES = ["student_token", "byte_prefix", "chunk/uniform", "chunk/proportional", "exact"]
 
@@ -94,7 +95,8 @@ def realistic_top_k(rng, teacher_ids, freq_ids, freq_p, k=20):
 
 def timing_case(student: str, teacher: str, text: str, rng):
     """``(builder, teacher tokenizer, student ids, view, teacher log-probs, top-k)`` for one response that ends
-    its turn, the top-k drawn from the teacher's own token frequencies (shared with bench_dense.py)."""
+    its turn, the top-k drawn from the teacher's own token frequencies and held flat as the teacher client
+    returns it (``sglang_wire.TopK``; shared with bench_dense.py)."""
     builder = builder_for(student, teacher)
     t_tok = load_tokenizer(teacher)
     ids = canonical_ids(builder.student_tokenizer, text) + [min(builder.student_end_ids)]
@@ -102,7 +104,9 @@ def timing_case(student: str, teacher: str, text: str, rng):
     corpus_ids = np.asarray(canonical_ids(t_tok, " ".join(CORPUS)))
     freq_ids, counts = np.unique(corpus_ids, return_counts=True)
     lps, top = realistic_top_k(rng, view.response_ids, freq_ids, counts / counts.sum())
-    return builder, t_tok, ids, view, lps, top
+    flat = TopK(np.concatenate([c for c, _ in top]), np.concatenate([lp for _, lp in top]).astype(np.float32),
+                np.concatenate([[0], np.cumsum([len(c) for c, _ in top])]))
+    return builder, t_tok, ids, view, lps, flat
 
 
 def _time_pair(student: str, teacher: str, text: str, rng) -> str:

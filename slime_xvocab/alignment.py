@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -117,16 +118,17 @@ class Alignment:
         """Per-sample statistics; see :class:`AlignmentStats`."""
         s, t = self.chunk_sizes()
         widths = np.maximum(s, t)
-        counts = np.bincount(self.reason.astype(np.int64), minlength=len(Unaligned))
+        counts = np.bincount(self.reason.astype(np.int64), minlength=len(Unaligned))[: len(Unaligned)].tolist()
         return AlignmentStats(
             student_tokens=self.n_student,
             teacher_tokens=self.n_teacher,
             chunks=self.num_chunks,
-            one_to_one_tokens=int(self.one_to_one().sum()),
-            covered_tokens=int((self.student_chunk >= 0).sum()),
+            one_to_one_tokens=int(np.count_nonzero(self.one_to_one())),
+            covered_tokens=int(np.count_nonzero(self.student_chunk >= 0)),
             mean_chunk_width=float(widths.mean()) if self.num_chunks else 0.0,
             max_chunk_width=int(widths.max()) if self.num_chunks else 0,
-            unaligned_by_reason={r.name.lower(): int(counts[r]) for r in Unaligned if r and counts[r]},
+            # Names from a list, not the enum: nine enum attribute reads cost more than the counting.
+            unaligned_by_reason={_REASON_NAMES[r]: c for r, c in enumerate(counts) if r and c},
         )
 
     @classmethod
@@ -403,6 +405,40 @@ def align_lengths_flat(
     )
 
 
+def align_lengths(student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> Alignment:
+    """:func:`align_lengths_flat` for one sample, without the batch bookkeeping (a short response pays a few
+    numpy calls, not a few dozen). Same result as ``align_lengths_batch([s], [t])[0]``.
+
+    Args:
+        student_lengths: int ``[n_student]``: bytes spelled by each student token (0 for special tokens).
+        teacher_lengths: int ``[n_teacher]``: the same for the teacher tokens, which must spell the same bytes.
+
+    Returns:
+        The :class:`Alignment`; zero-length tokens are unaligned (students' with reason ``SPECIAL``).
+
+    Raises:
+        ByteMismatchError: the two sides spell different numbers of bytes.
+    """
+    s_len = np.asarray(student_lengths, dtype=np.int64)
+    t_len = np.asarray(teacher_lengths, dtype=np.int64)
+    s_end, t_end = np.cumsum(s_len), np.cumsum(t_len)
+    s_bytes = int(s_end[-1]) if len(s_end) else 0
+    t_bytes = int(t_end[-1]) if len(t_end) else 0
+    if s_bytes != t_bytes:
+        raise ByteMismatchError(f"sample 0: student spells {s_bytes} bytes, teacher {t_bytes}")
+    s_text, t_text = s_len > 0, t_len > 0
+    t_flags = np.zeros(s_bytes + 1, dtype=bool)
+    t_flags[t_end[t_text]] = True
+    s_flags = np.zeros(s_bytes + 1, dtype=bool)
+    s_flags[s_end[s_text]] = True
+    s_closes = s_text & t_flags[s_end]  # this student token ends a chunk
+    t_closes = t_text & s_flags[t_end]
+    student_chunk = np.where(s_text, np.cumsum(s_closes) - s_closes, -1)
+    teacher_chunk = np.where(t_text, np.cumsum(t_closes) - t_closes, -1)
+    reason = np.where(s_text, np.int8(Unaligned.ALIGNED), np.int8(Unaligned.SPECIAL))
+    return Alignment(student_chunk, teacher_chunk, reason, int(np.count_nonzero(s_closes)))
+
+
 def _align_global(s_all, t_all, s_counts, t_counts, base, t_reach, bad_at, tail_reason) -> BatchAlignment:
     """The alignment core over samples laid end to end (``base``: sample byte offsets, ``n + 1``;
     ``t_reach``: absolute byte up to which the teacher encoded each sample)."""
@@ -518,8 +554,12 @@ def align_spans(
 
 def spans_from_lengths(lengths: np.ndarray, start: int = 0) -> np.ndarray:
     """int64 ``[n, 2]`` spans of consecutive tokens with the given byte lengths."""
-    ends = start + np.cumsum(np.asarray(lengths, dtype=np.int64))
-    return np.stack([ends - lengths, ends], axis=1) if len(ends) else np.zeros((0, 2), dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    spans = np.empty((len(lengths), 2), dtype=np.int64)  # filled column by column: np.stack costs more here
+    np.cumsum(lengths, out=spans[:, 1])
+    spans[:, 1] += start
+    np.subtract(spans[:, 1], lengths, out=spans[:, 0])
+    return spans
 
 
 # --------------------------------------------------------------------------------------------------
@@ -583,31 +623,104 @@ def encode_bytes(teacher_tokenizer, teacher_table: TokenBytes, data: bytes) -> T
     are byte-precise; when its normaliser changed the text (Qwen3 composes NFD accents, Gemma-3 rewrites
     some characters), spans come from the offset mapping, which points back into the original text.
     """
-    text, char_starts, invalid = decode_with_byte_map(data)
+    try:  # valid UTF-8 (the usual case): the character map is only needed when the teacher rewrote text
+        text, char_starts, invalid = data.decode("utf-8"), None, None
+    except UnicodeDecodeError:
+        text, char_starts, invalid = decode_with_byte_map(data)
     if not text:
         empty = np.zeros(0, dtype=np.int64)
-        return TeacherEncoding(empty, empty.reshape(0, 2), True, invalid)
+        return TeacherEncoding(empty, empty.reshape(0, 2), True, np.zeros(len(data), dtype=bool))
     with tokenizer_lock(teacher_tokenizer):
         ids, offsets = _encode_continuation(teacher_tokenizer, teacher_table, text)
-    lengths = teacher_table.lengths_of(ids)
-    if not invalid.any() and teacher_table.bytes_of(ids) == data:
-        return TeacherEncoding(ids, spans_from_lengths(lengths), True, invalid)
-    spans = char_starts[np.clip(offsets, 0, len(text))]
+    if invalid is None and teacher_table.bytes_of(ids) == data:
+        return TeacherEncoding(ids, spans_from_lengths(teacher_table.lengths_of(ids)), True,
+                               np.zeros(len(data), dtype=bool))
+    if char_starts is None:
+        text, char_starts, invalid = decode_with_byte_map(data)
+    spans = char_starts[np.clip(_offset_array(offsets), 0, len(text))]
     return TeacherEncoding(ids, spans, False, invalid)
 
 
-def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+def _encode_text(tokenizer, text: str) -> tuple[np.ndarray, Sequence]:
+    """``tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)`` as
+    (int64 ids, offsets as the tokenizer gave them: (start, end) character pairs; :func:`_offset_array` makes
+    the array, only when a caller needs it); straight through the Rust tokenizer where that is the same call
+    (:func:`_direct_backend`), which saves the ~20 µs transformers spends around it. The caller holds
+    :func:`tokenizer_lock`."""
+    backend = _direct_backend(tokenizer)
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        if not backend.encode_special_tokens:  # what transformers does for split_special_tokens=True
+            backend.encode_special_tokens = True
+        # encode_batch, as transformers calls it: unlike encode, it lets go of the GIL while it works, so a
+        # long response encoded in a worker thread does not stall the event loop.
+        enc = backend.encode_batch([text], add_special_tokens=False)[0]
+        return np.asarray(enc.ids, dtype=np.int64), enc.offsets
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
-    ids = np.asarray(enc["input_ids"], dtype=np.int64)
-    return ids, np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    return np.asarray(enc["input_ids"], dtype=np.int64), enc["offset_mapping"]
+
+
+def _offset_array(offsets: Sequence) -> np.ndarray:
+    """int64 ``[n, 2]`` character offsets from what :func:`_encode_text` returned (pairs or an array)."""
+    return np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+
+_DIRECT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DIRECT_PROBES = ("Hello, world! 你好 🤖 <|eot_id|><|im_end|><end_of_turn></s>\n\n  x", "e\u0301 ﬁ\t\r\n1234567 ")
+
+
+def _direct_backend(tokenizer):
+    """The Rust ``tokenizers.Tokenizer`` behind ``tokenizer`` when encoding through it gives what the
+    transformers call gives, else None (decided once per tokenizer object).
+
+    That holds for a transformers v5 ``TokenizersBackend`` whose class keeps the base ``__call__`` and
+    ``_encode_plus`` (no subclass rewrites the text or the result): those set the backend's
+    ``encode_special_tokens`` flag, turn off truncation and padding, and call ``encode_batch`` on the text. Two probe
+    texts are encoded both ways as a check; any difference, or any other tokenizer, keeps the transformers call.
+    """
+    try:
+        cached = _DIRECT.get(tokenizer, False)
+    except TypeError:  # not weak-referenceable
+        return None
+    if cached is not False:
+        return cached
+    backend = None
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # transformers v4 (or none): keep its own call
+        TokenizersBackend = None
+    if (
+        TokenizersBackend is not None
+        and isinstance(tokenizer, TokenizersBackend)
+        and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+        and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+        and not hasattr(tokenizer, "_switch_to_input_mode")
+    ):
+        candidate = tokenizer.backend_tokenizer
+        with tokenizer_lock(tokenizer):
+            for text in _DIRECT_PROBES:
+                enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+                if candidate.truncation is not None or candidate.padding is not None:
+                    break
+                candidate.encode_special_tokens = True
+                direct = candidate.encode_batch([text], add_special_tokens=False)[0]
+                if direct.ids != enc["input_ids"] or [tuple(o) for o in direct.offsets] != [
+                    tuple(o) for o in enc["offset_mapping"]
+                ]:
+                    break
+            else:
+                backend = candidate
+    _DIRECT[tokenizer] = backend
+    return backend
 
 
 # Encoded in front of a continuation for tokenizers that add a dummy-prefix space, then removed again.
 _ANCHOR = "\n"
 
 
-def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode ``text`` as the continuation of earlier text: no dummy-prefix space in front of it.
+def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.ndarray, Sequence]:
+    """Encode ``text`` as the continuation of earlier text: no dummy-prefix space in front of it. Returns
+    (ids, offsets) as :func:`_encode_text` does.
 
     SentencePiece tokenizers with ``add_dummy_prefix`` (Llama-2, Mistral v1-v3, Phi-3) encode ``"Hello"``
     as ``"▁Hello"``: a space the response does not have. For them the text is encoded after an anchor
@@ -617,12 +730,13 @@ def _encode_continuation(tokenizer, table: TokenBytes, text: str) -> tuple[np.nd
     if not table.adds_dummy_prefix:
         return _encode_text(tokenizer, text)
     ids, offsets = _encode_text(tokenizer, _ANCHOR + text)
+    offsets = _offset_array(offsets)
     first = int(np.searchsorted(offsets[:, 1], len(_ANCHOR), side="right"))  # first token past the anchor
     if first < len(ids) and offsets[first, 0] >= len(_ANCHOR) and table.bytes_of(ids[first:]) == text.encode():
         return ids[first:], offsets[first:] - len(_ANCHOR)
     ids, offsets = _encode_text(tokenizer, text)
     if len(ids) and not text.startswith(" ") and table.bytes_of(ids[:1]) == b" ":
-        ids, offsets = ids[1:], offsets[1:]
+        ids, offsets = ids[1:], _offset_array(offsets)[1:]
     return ids, offsets
 
 
@@ -651,7 +765,31 @@ def align_response(
     Returns:
         ``(teacher_encoding, alignment)``; the teacher's response ids are ``teacher_encoding.ids``.
     """
-    data = student_table.bytes_of(student_ids)
+    s_len = student_table.lengths_of(student_ids)
+    return align_response_bytes(
+        student_table.bytes_of(student_ids), s_len, teacher_tokenizer, teacher_table,
+        max_teacher_tokens=max_teacher_tokens,
+    )
+
+
+def align_response_bytes(
+    data: bytes,
+    student_lengths: np.ndarray,
+    teacher_tokenizer,
+    teacher_table: TokenBytes,
+    *,
+    max_teacher_tokens: int | None = None,
+) -> tuple[TeacherEncoding, Alignment]:
+    """:func:`align_response` from what a caller already has, so nothing is looked up twice.
+
+    Args:
+        data: the bytes the student's response ids spell (``student_table.bytes_of(ids)``).
+        student_lengths: int64 ``[n_student]``: ``student_table.lengths_of(ids)``, summing to ``len(data)``.
+        teacher_tokenizer, teacher_table, max_teacher_tokens: as for :func:`align_response`.
+
+    Returns:
+        ``(teacher_encoding, alignment)``, as :func:`align_response` returns them.
+    """
     encoding = encode_bytes(teacher_tokenizer, teacher_table, data)
     teacher_end = len(data)
     if max_teacher_tokens is not None and len(encoding.ids) > max_teacher_tokens:
@@ -660,11 +798,8 @@ def align_response(
         encoding = TeacherEncoding(encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes)
     if encoding.exact and teacher_end == len(data):
         # Byte-exact and complete (the usual case): token byte lengths alone place every token.
-        s_len = student_table.lengths_of(student_ids)
-        t_len = np.diff(encoding.spans, axis=1).reshape(-1)
-        counts = np.array([len(s_len)]), np.array([len(t_len)])
-        return encoding, align_lengths_flat(s_len, counts[0], t_len, counts[1])[0]
-    student_spans = response_spans(student_ids, student_table)
+        return encoding, align_lengths(student_lengths, encoding.spans[:, 1] - encoding.spans[:, 0])
+    student_spans = spans_from_lengths(student_lengths)
     alignment = align_spans(
         student_spans,
         encoding.spans,

@@ -38,7 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from .alignment import Alignment, TeacherEncoding, Unaligned, align_response, align_spans, response_spans
+from .alignment import (
+    Alignment,
+    TeacherEncoding,
+    Unaligned,
+    align_response_bytes,
+    align_spans,
+    response_spans,
+    spans_from_lengths,
+)
 from .errors import ConfigError, SampleError
 from .token_bytes import TokenBytes, token_bytes, tokenizer_lock
 
@@ -371,6 +379,30 @@ def _same_tokenizer(student, teacher, s_table: TokenBytes, t_table: TokenBytes) 
     return student.get_vocab() == teacher.get_vocab()
 
 
+def _with_end_of_turn(alignment: Alignment, n_eot: int, truncated: bool) -> Alignment:
+    """The alignment of a response that ends its turn: the student's final (end-of-turn) position is appended,
+    paired with the teacher's ``n_eot`` end-of-turn ids appended after the text as one more chunk, or left
+    unaligned without them (``SPECIAL``; ``TEACHER_CONTEXT`` when the teacher's context cut the response).
+
+    Same result as appending the unaligned positions and then :meth:`Alignment.with_pair`, in fewer copies.
+    """
+    if not n_eot:
+        reason = Unaligned.TEACHER_CONTEXT if truncated else Unaligned.SPECIAL
+        return Alignment(
+            np.append(alignment.student_chunk, -1),
+            alignment.teacher_chunk,
+            np.append(alignment.reason, np.int8(reason)),
+            alignment.num_chunks,
+        )
+    chunk = alignment.num_chunks
+    return Alignment(
+        np.append(alignment.student_chunk, chunk),
+        np.concatenate([alignment.teacher_chunk, np.full(n_eot, chunk, dtype=np.int64)]),
+        np.append(alignment.reason, np.int8(Unaligned.ALIGNED)),
+        chunk + 1,
+    )
+
+
 class TeacherViewBuilder:
     """Builds :class:`TeacherView` objects for one (student, teacher) tokenizer pair.
 
@@ -632,9 +664,11 @@ class TeacherViewBuilder:
             return self._identity_view(prompt_ids, prompt_text, response, room, ends_turn, sample_id)
 
         text_ids = response[:-1] if ends_turn else response
+        lengths = self.student_table.lengths_of(response)  # read once: the alignment and the spans share them
+        data = self.student_table.bytes_of(text_ids)
         with self._teacher_lock:
-            encoding, alignment = align_response(
-                text_ids, self.student_table, self.teacher_tokenizer, self.teacher_table
+            encoding, alignment = align_response_bytes(
+                data, lengths[: len(text_ids)], self.teacher_tokenizer, self.teacher_table
             )
         eot = list(self.teacher_eot_ids) if ends_turn else []
         truncated = 0
@@ -648,22 +682,13 @@ class TeacherViewBuilder:
                 encoding.ids[:keep], encoding.spans[:keep], encoding.exact, encoding.invalid_bytes
             )
             alignment = align_spans(
-                response_spans(text_ids, self.student_table),
+                spans_from_lengths(lengths[: len(text_ids)]),
                 encoding.spans,
                 invalid_bytes=encoding.invalid_bytes,
                 tail_reason=Unaligned.TEACHER_CONTEXT,
             )
         if ends_turn:
-            final_reason = Unaligned.TEACHER_CONTEXT if truncated else Unaligned.SPECIAL
-            alignment = Alignment(
-                np.append(alignment.student_chunk, -1),
-                np.concatenate([alignment.teacher_chunk, np.full(len(eot), -1, dtype=np.int64)]),
-                np.append(alignment.reason, np.int8(final_reason)).astype(np.int8),
-                alignment.num_chunks,
-            )
-            if eot:
-                n_resp = len(encoding.ids)
-                alignment = alignment.with_pair([len(response) - 1], list(range(n_resp, n_resp + len(eot))))
+            alignment = _with_end_of_turn(alignment, len(eot), truncated > 0)
         probe = []
         if self.probe_next and not eot and not truncated and (room is None or len(encoding.ids) < room):
             probe = [self._probe_id(encoding.ids)]
@@ -672,7 +697,6 @@ class TeacherViewBuilder:
                 alignment.num_chunks,
             )
         input_ids = prompt_ids + encoding.ids.tolist() + eot + probe
-        data = self.student_table.bytes_of(text_ids)
         end = np.full((len(eot) + len(probe), 2), len(data), dtype=np.int64)
         return TeacherView(
             input_ids=input_ids,
@@ -686,7 +710,7 @@ class TeacherViewBuilder:
             probe_ids=tuple(probe),
             sample_id=sample_id,
             response_bytes=data,
-            student_spans=response_spans(response, self.student_table),
+            student_spans=spans_from_lengths(lengths),
             teacher_spans=np.concatenate([encoding.spans.reshape(-1, 2), end]),
             student_ids=response,
         )

@@ -10,6 +10,7 @@ from slime_xvocab.alignment import (
     Alignment,
     Unaligned,
     align_batch,
+    align_lengths,
     align_lengths_batch,
     align_response,
     align_spans,
@@ -329,6 +330,56 @@ def test_batch_alignment_equals_sample_by_sample(tokenizers, tables):
             np.testing.assert_array_equal(got.reason, single.reason)
         assert batch.stats()[i] == single.stats()
         np.testing.assert_array_equal(values[i], assign_credit(single, t_lps[i], s_lps[i]))
+
+
+@pytest.mark.parametrize("family", TEST_FAMILIES)
+def test_direct_encode_equals_the_transformers_call(family, tokenizers):
+    """_encode_text goes straight to the Rust tokenizer where that is the same call: same ids and offsets as
+    tokenizer(text, split_special_tokens=True, ...) on every test text and on random text, before and after
+    a call that parses special tokens (which flips the shared flag back)."""
+    from slime_xvocab.alignment import _direct_backend, _encode_text, _offset_array
+
+    tok = tokenizers[family]
+    assert _direct_backend(tok) is not None  # every test family is a plain TokenizersBackend
+    rng = np.random.default_rng(7)
+    alphabet = list("ab Z9 \t\n.,'<|>_") + ["é", "你", "🤖", "\u0301", "ﬁ", "<|eot_id|>", "<|im_end|>", "</s>"]
+    texts = list(TEXTS.values()) + ["".join(rng.choice(alphabet, size=rng.integers(1, 30))) for _ in range(60)]
+    for i, text in enumerate(texts):
+        if i % 7 == 0:
+            tok("<|im_end|> parsed", add_special_tokens=False)  # another caller's settings in between
+        want = tok(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+        ids, offsets = _encode_text(tok, text)
+        assert ids.tolist() == want["input_ids"], (family, text)
+        assert _offset_array(offsets).tolist() == [list(o) for o in want["offset_mapping"]], (family, text)
+
+
+def test_single_sample_lengths_path_equals_the_batch_path():
+    """align_lengths (one sample, few numpy calls) against align_lengths_batch and align_spans on random
+    tokenizations of random byte strings, special (zero-length) tokens included on both sides."""
+    rng = np.random.default_rng(11)
+
+    def cut(n_bytes: int) -> np.ndarray:
+        """Random token byte lengths spelling ``n_bytes`` bytes, with a few zero-length tokens inserted."""
+        inner = np.arange(1, n_bytes)
+        points = np.sort(rng.choice(inner, size=rng.integers(0, len(inner) + 1), replace=False))
+        lengths = np.diff(np.concatenate([[0], points, [n_bytes]])) if n_bytes else np.zeros(0, np.int64)
+        specials = rng.integers(0, len(lengths) + 1, size=rng.integers(0, 3))
+        return np.insert(lengths, specials, 0).astype(np.int64)
+
+    for _ in range(500):
+        n_bytes = int(rng.integers(0, 40))
+        s_len, t_len = cut(n_bytes), cut(n_bytes)
+        got = align_lengths(s_len, t_len)
+        for want in (align_lengths_batch([s_len], [t_len])[0], align_spans(spans_from_lengths(s_len),
+                                                                           spans_from_lengths(t_len))):
+            np.testing.assert_array_equal(got.student_chunk, want.student_chunk)
+            np.testing.assert_array_equal(got.teacher_chunk, want.teacher_chunk)
+            np.testing.assert_array_equal(got.reason, want.reason)
+            assert got.num_chunks == want.num_chunks
+            assert (got.student_chunk.dtype, got.teacher_chunk.dtype, got.reason.dtype) == (
+                want.student_chunk.dtype, want.teacher_chunk.dtype, want.reason.dtype)
+    with pytest.raises(ByteMismatchError):
+        align_lengths(np.array([2, 1]), np.array([2]))
 
 
 def test_teacher_that_deletes_text_gets_no_signal_there(tokenizers, tables):

@@ -316,3 +316,109 @@ def test_every_mode_gives_finite_log_probs_of_the_right_length(student, teacher,
     if fully and result.clamped == 0 and len(view.probe_ids) == 0:
         # Documented: over an aligned answer that ends its turn the values telescope to the teacher's total.
         assert float(result.values.astype(np.float64).sum()) == pytest.approx(float(lps.sum()), abs=1e-3)
+
+
+@pytest.mark.parametrize("words_above", [0, 1 << 30])
+def test_match_lengths_equal_a_plain_count(words_above, monkeypatch):
+    """_match_lengths (eight bytes at a time, or byte by byte for few bytes: both forced here) against a plain
+    count of the leading bytes each candidate shares with the text from its position's start, on random blobs
+    and texts with long tokens, candidates that run past the text's end, empty tokens and positions at the end."""
+    from slime_xvocab import credit
+    from slime_xvocab.credit import _Candidates, _match_lengths
+
+    monkeypatch.setattr(credit, "_WORDS_ABOVE", words_above)
+
+    rng = np.random.default_rng(9)
+    for _ in range(300):
+        text = rng.integers(0, 3, size=rng.integers(0, 60)).astype(np.uint8)  # 3 symbols: long agreements
+        pieces = [rng.integers(0, 3, size=rng.integers(0, 26)).astype(np.uint8) for _ in range(40)]
+        for piece in pieces[:10]:  # some candidates copy the text, some run past its end
+            at = int(rng.integers(0, len(text) + 1))
+            piece[: max(0, min(len(piece), len(text) - at))] = text[at:at + len(piece)]
+        blob = np.concatenate(pieces)
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in pieces])])
+        n_pos = int(rng.integers(1, 8))
+        starts = np.sort(rng.integers(0, len(text) + 1, size=n_pos))
+        ids = rng.integers(0, len(pieces), size=int(rng.integers(0, 50)))
+        pos = np.sort(rng.integers(0, n_pos, size=len(ids)))
+        cands = _Candidates(pos, ids, np.zeros(len(ids)), np.zeros(len(ids), bool), offsets[ids],
+                            offsets[ids + 1] - offsets[ids], np.searchsorted(pos, np.arange(n_pos + 1)), 1.0)
+        want = []
+        for p, i in zip(pos.tolist(), ids.tolist()):
+            piece, rest = pieces[i], text[starts[p]:]
+            k = 0
+            while k < len(piece) and k < len(rest) and piece[k] == rest[k]:
+                k += 1
+            want.append(k)
+        assert _match_lengths(cands, starts, text, blob).tolist() == want
+
+
+REWRITTEN_SEEN: list[bool] = []  # which generated views had rewritten text (checked below)
+
+
+def _plan_rewritten_per_chunk(data, alignment, s_spans, text_aligned, t_start, t_end, text, m):
+    """The per-chunk loop credit._plan_rewritten replaced: one direct entry per chunk whose bytes match."""
+    s_chunk = np.where(text_aligned, alignment.student_chunk, -1)
+    t_chunk = np.where(np.arange(alignment.n_teacher) < m, alignment.teacher_chunk, -1)
+    direct, uniform = [], []
+    for c in range(alignment.num_chunks):
+        toks, tpos = np.flatnonzero(s_chunk == c), np.flatnonzero(t_chunk == c)
+        if not len(toks) or not len(tpos):
+            continue
+        ya, yb = int(t_start[tpos[0]]), int(t_end[tpos[-1]])
+        xa, xb = int(s_spans[toks[0], 0]), int(s_spans[toks[-1], 1])
+        if data[xa:xb] == text.tobytes()[ya:yb]:
+            direct.append((toks, s_spans[toks, 0] - xa + ya, s_spans[toks, 1] - xa + ya))
+        else:
+            uniform.append((toks, ya, yb))
+    return direct, uniform
+
+
+@pytest.mark.parametrize("student,teacher", [("llama3_1", "qwen3"), ("qwen3", "gemma3"), ("gemma3", "llama3_1")])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pieces=st.lists(ALPHABET, min_size=1, max_size=14), ends=st.booleans())
+@example(pieces=["Cafe", "\u0301", " na", "i", "\u0308", "ve"], ends=True)
+def test_rewritten_plan_equals_the_per_chunk_plan(student, teacher, pieces, ends):
+    """Where a teacher normaliser rewrote text, _plan_rewritten values all matching chunks in one vectorised
+    pass: same tokens, byte positions and uniform chunks as a loop over the chunks, and _plan reads the same
+    query positions with the same student tokens as it did with one entry per chunk."""
+    from slime_xvocab.credit import _plan, _plan_rewritten
+
+    builder = builder_for(student, teacher)
+    ids = canonical_ids(builder.student_tokenizer, "".join(pieces)) + ([student_eot(builder)] if ends else [])
+    view = builder.build("Q?", ids)
+    REWRITTEN_SEEN.append(not view.exact_bytes)
+    a, table = view.alignment, builder.teacher_table
+    m = a.n_teacher - len(view.eot_ids) - len(view.probe_ids)
+    t_ids = np.asarray(view.response_ids[:m], dtype=np.int64)
+    text = np.frombuffer(table.bytes_of(t_ids), dtype=np.uint8)
+    t_end = np.cumsum(table.lengths_of(t_ids))
+    t_start = t_end - table.lengths_of(t_ids)
+    s_ids, s_spans = view.student_ids, view.student_spans
+    text_aligned = (s_spans[:, 1] > s_spans[:, 0]) & (a.student_chunk >= 0)
+    prev = [max([j for j in range(i) if s_spans[j, 1] > s_spans[j, 0]], default=-1) for i in range(len(s_ids))]
+    ext_before = np.array([s_ids[p] if p >= 0 else -1 for p in prev], dtype=np.int64)
+    want_direct, want_uniform = _plan_rewritten_per_chunk(view.response_bytes, a, s_spans, text_aligned, t_start,
+                                                          t_end, text, m)
+    direct, uniform, _ = _plan_rewritten(view.response_bytes, a, s_spans, text_aligned, t_start, t_end, text, m,
+                                         ext_before, s_ids)
+    want_flat = [np.concatenate([entry[i] for entry in want_direct]).tolist() if want_direct else [] for i in range(3)]
+    assert [direct[0][i].tolist() if direct else [] for i in range(3)] == want_flat
+    assert [(t.tolist(), y0, y1) for t, y0, y1 in uniform] == [(t.tolist(), y0, y1) for t, y0, y1 in want_uniform]
+    # _plan's first read of each position names its student token exactly as the per-chunk reads did.
+    reads = [(y0, ext_before[p], y1, s_ids[p]) for p, y0, y1 in want_direct]
+    reads += [(np.array([y0]), ext_before[p[:1]], np.array([y1]), s_ids[p[-1:]]) for p, y0, y1 in want_uniform]
+    plan = _plan(view, a, s_spans, text_aligned, t_start, t_end, text, np.array(prev), s_ids, m)
+    if reads and not view.exact_bytes:
+        pos = np.concatenate([np.concatenate([r[0], r[2]]) for r in reads])
+        ext = np.concatenate([np.concatenate([r[1], r[3]]) for r in reads])
+        for y, e in zip(plan.queries.tolist(), plan.query_ext.tolist()):
+            if y in pos.tolist():
+                assert e == ext[pos.tolist().index(y)], (y, e)
+
+
+def test_the_rewritten_plan_test_saw_rewritten_text():
+    """The generated texts above include combining accents that a normalising teacher rewrites."""
+    if not REWRITTEN_SEEN:
+        pytest.skip("run together with test_rewritten_plan_equals_the_per_chunk_plan")
+    assert any(REWRITTEN_SEEN)

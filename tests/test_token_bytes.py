@@ -84,3 +84,22 @@ def test_probe_text_round_trips(tokenizers, tables):
     for family in TEST_FAMILIES:
         ids = tokenizers[family](PROBE_TEXT, add_special_tokens=False)["input_ids"]
         assert tables[family].bytes_of(ids).decode() in (PROBE_TEXT, PROBE_TEXT.replace("e\u0301", "é"))
+
+
+@pytest.mark.parametrize("family", TEST_FAMILIES)
+def test_short_join_and_long_gather_spell_the_same_bytes(family, tables):
+    """bytes_of joins Python bytes for a few ids and gathers with numpy for many: both give the same bytes."""
+    from slime_xvocab import token_bytes as module
+
+    table = tables[family]
+    rng = np.random.default_rng(5)
+    for n in (0, 1, 2, 7, 33, module._JOIN_BELOW, module._JOIN_BELOW + 1, 700):
+        ids = rng.integers(0, table.vocab_size, n)
+        gathered = table.blob[np.concatenate([np.arange(table.offsets[i], table.offsets[i + 1]) for i in ids])
+                              ] if n else np.zeros(0, np.uint8)
+        for given in (ids, ids.tolist()):
+            assert table.bytes_of(given) == gathered.tobytes()
+        np.testing.assert_array_equal(table.lengths_of(ids), np.diff(table.offsets)[ids])
+    for bad in ([0, -1], [table.vocab_size], np.array([1, table.vocab_size + 5])):
+        with pytest.raises(TokenizerError):
+            table.bytes_of(bad)
