@@ -244,37 +244,60 @@ def student_projection(tokenizer: Any, student_table: TokenBytes) -> StudentProj
 
 
 class TokenPrefixes:
-    """How many tokens of a vocabulary start with given bytes (one sorted table per tokenizer).
+    """How many tokens of a vocabulary start with given bytes (one sorted table per tokenizer; answers cached).
 
     Args:
         table: the tokenizer's :class:`~slime_xvocab.token_bytes.TokenBytes`.
     """
 
+    CACHE_SIZE = 1 << 20
+
     def __init__(self, table: TokenBytes) -> None:
+        self._counts: dict[bytes, int] = {}
         lengths = table.lengths
         spelled = np.flatnonzero(lengths > 0)
         blob = table.blob.tobytes()
         tokens = sorted({blob[a:a + n] for a, n in zip(table.offsets[spelled].tolist(), lengths[spelled].tolist())})
         self._sorted = np.empty(len(tokens), dtype=object)
         self._sorted[:] = tokens
-        self.max_length = int(lengths.max(initial=0))
+        # The longest token per first byte and per first two bytes: a cheap test that rules out most prefixes
+        # before the exact count.
+        firsts = np.frombuffer(b"".join(t[:2].ljust(2, b"\0") for t in tokens), dtype=np.uint8).reshape(-1, 2)
+        n_bytes = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        self._longest1 = np.zeros(256, dtype=np.int64)
+        np.maximum.at(self._longest1, firsts[:, 0], n_bytes)
+        two = n_bytes >= 2
+        self._longest2 = np.zeros(1 << 16, dtype=np.int64)
+        np.maximum.at(self._longest2, firsts[two, 0].astype(np.int64) * 256 + firsts[two, 1], n_bytes[two])
+
+    def reach(self, text: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """int64: for each start, the longest prefix of ``text[start:]`` that some token could start with, by
+        the token's first two bytes (an upper bound; :meth:`count` is exact). ``text`` is uint8, starts inside."""
+        first = text[starts].astype(np.int64)
+        second = text[np.minimum(starts + 1, len(text) - 1)].astype(np.int64)
+        two = np.where(starts + 1 < len(text), self._longest2[first * 256 + second], 0)
+        return np.maximum(np.minimum(self._longest1[first], 1), two)
 
     def count(self, prefixes: Sequence[bytes]) -> np.ndarray:
         """int64 ``[len(prefixes)]``: distinct tokens that start with each prefix (the prefix itself included)."""
-        if not len(prefixes):
-            return np.zeros(0, dtype=np.int64)
-        keys = np.empty(len(prefixes), dtype=object)
-        keys[:] = list(prefixes)
-        ends = [_successor(p) for p in prefixes]
-        # The tokens that start with p sort from p itself up to (not including) p's successor.
-        lo = np.searchsorted(self._sorted, keys, side="left")
-        hi = np.full(len(prefixes), len(self._sorted), dtype=np.int64)
-        bounded = np.flatnonzero([e is not None for e in ends])
-        if len(bounded):
-            upper = np.empty(len(bounded), dtype=object)
-            upper[:] = [ends[r] for r in bounded.tolist()]
-            hi[bounded] = np.searchsorted(self._sorted, upper, side="left")
-        return np.maximum(hi - lo, 0).astype(np.int64)
+        known = self._counts
+        missing = list({p for p in prefixes if p not in known})
+        if missing:
+            if len(known) + len(missing) > self.CACHE_SIZE:
+                known.clear()
+            keys = np.empty(len(missing), dtype=object)
+            keys[:] = missing
+            ends = [_successor(p) for p in missing]
+            # The tokens that start with p sort from p itself up to (not including) p's successor.
+            lo = np.searchsorted(self._sorted, keys, side="left")
+            hi = np.full(len(missing), len(self._sorted), dtype=np.int64)
+            bounded = np.flatnonzero([e is not None for e in ends])
+            if len(bounded):
+                upper = np.empty(len(bounded), dtype=object)
+                upper[:] = [ends[r] for r in bounded.tolist()]
+                hi[bounded] = np.searchsorted(self._sorted, upper, side="left")
+            known.update(zip(missing, np.maximum(hi - lo, 0).tolist()))
+        return np.fromiter((known[p] for p in prefixes), dtype=np.int64, count=len(prefixes))
 
 
 def _successor(prefix: bytes) -> bytes | None:
@@ -314,7 +337,7 @@ def _least_listed(top: Sequence) -> np.ndarray:
 def _unlisted_mass_through(ys: np.ndarray, t_start: np.ndarray, text: bytes, listed: np.ndarray,
                           top: Sequence | None, path_before: np.ndarray, table: TokenBytes) -> np.ndarray:
     """log of an upper bound of the teacher's mass on tokens its top-k does not list that agree with the text
-    through ``y``, for every ``y`` in ``ys`` (-inf where there is none).
+    through ``y``, for every ``y`` in ``ys`` (sorted; -inf where there is none).
 
     A text position ``i`` that starts before ``y`` contributes ``P(observed path before i) x min(u_i, n_i x
     least_i)``: ``u_i`` its unlisted mass (1 - listed - the observed token where the top-k missed it), ``n_i``
@@ -328,10 +351,12 @@ def _unlisted_mass_through(ys: np.ndarray, t_start: np.ndarray, text: bytes, lis
     m = len(t_start)
     unlisted = 1.0 - listed[:m]
     prefixes = token_prefixes(table)
-    lo = np.searchsorted(t_start, ys - prefixes.max_length, side="right")
-    owner, i = _segment_ranges(lo, np.searchsorted(t_start, ys, side="left"))
-    some = unlisted[i] > 1e-9
-    owner, i = owner[some], i[some]
+    # Pairs (position i, y) with start_i < y <= start_i + the longest token that could start there (ys sorted).
+    pos = np.flatnonzero((unlisted > 1e-9) & (t_start < len(text)))
+    reach = t_start[pos] + prefixes.reach(np.frombuffer(text, dtype=np.uint8), t_start[pos])
+    at, owner = _segment_ranges(np.searchsorted(ys, t_start[pos], side="right"),
+                                np.searchsorted(ys, reach, side="right"))
+    i = pos[at]
     if not len(owner):
         return out
     n = prefixes.count([text[a:b] for a, b in zip(t_start[i].tolist(), ys[owner].tolist())])

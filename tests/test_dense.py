@@ -160,7 +160,9 @@ def test_token_prefix_counts_match_a_scan_of_the_vocabulary(family):
     prefixes = [b"4", b"43", b" the", b" th", b"\xff", b"\xe4\xbd", b"zzzzzzzzzz", b"\xff\xff"]
     prefixes += [w[: int(rng.integers(1, len(w) + 1))] for w in rng.choice(words, 40)]
     want = [sum(w.startswith(p) for w in spelled) for p in prefixes]  # brute force: scan every token
-    assert token_prefixes(table).count(prefixes).tolist() == want
+    counter = token_prefixes(table)
+    assert counter.count(prefixes).tolist() == want
+    assert counter.count(prefixes[::-1]).tolist() == want[::-1]  # the second time from the cache
 
 
 def test_top_k_keeps_the_most_likely_and_the_rest_joins_the_tail():
