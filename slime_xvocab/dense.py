@@ -280,11 +280,10 @@ class TokenPrefixes:
 
     def count(self, prefixes: Sequence[bytes]) -> np.ndarray:
         """int64 ``[len(prefixes)]``: distinct tokens that start with each prefix (the prefix itself included)."""
-        known = self._counts
-        missing = list({p for p in prefixes if p not in known})
+        # Answers are read into a local dict first: another thread may clear the shared cache meanwhile.
+        got = {p: self._counts.get(p) for p in set(prefixes)}
+        missing = [p for p, n in got.items() if n is None]
         if missing:
-            if len(known) + len(missing) > self.CACHE_SIZE:
-                known.clear()
             keys = np.empty(len(missing), dtype=object)
             keys[:] = missing
             ends = [_successor(p) for p in missing]
@@ -296,8 +295,12 @@ class TokenPrefixes:
                 upper = np.empty(len(bounded), dtype=object)
                 upper[:] = [ends[r] for r in bounded.tolist()]
                 hi[bounded] = np.searchsorted(self._sorted, upper, side="left")
-            known.update(zip(missing, np.maximum(hi - lo, 0).tolist()))
-        return np.fromiter((known[p] for p in prefixes), dtype=np.int64, count=len(prefixes))
+            new = dict(zip(missing, np.maximum(hi - lo, 0).tolist()))
+            got.update(new)
+            if len(self._counts) + len(new) > self.CACHE_SIZE:
+                self._counts.clear()
+            self._counts.update(new)
+        return np.fromiter((got[p] for p in prefixes), dtype=np.int64, count=len(prefixes))
 
 
 def _successor(prefix: bytes) -> bytes | None:
