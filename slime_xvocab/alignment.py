@@ -380,23 +380,9 @@ def align_lengths_flat(
     if not np.array_equal(s_bytes, t_bytes):
         k = int(np.flatnonzero(s_bytes != t_bytes)[0])
         raise ByteMismatchError(f"sample {k}: student spells {s_bytes[k]} bytes, teacher {t_bytes[k]}")
-    # Contiguous spans on both sides: every text token's end is a cut point, so the shared cuts are the
-    # byte positions where both sides end a token, found with one flag array over the byte axis.
     total = int(s_end[-1]) if len(s_end) else 0
-    s_text, t_text = s_len > 0, t_len > 0
-    t_flags = np.zeros(total + 1, dtype=bool)
-    t_flags[t_end[t_text]] = True
-    s_flags = np.zeros(total + 1, dtype=bool)
-    s_flags[s_end[s_text]] = True
-    s_closes = s_text & t_flags[s_end]  # this student token ends a chunk
-    t_closes = t_text & s_flags[t_end]
-    student_chunk = np.cumsum(s_closes) - s_closes  # chunks closed before this token = its chunk index
-    teacher_chunk = np.cumsum(t_closes) - t_closes
-    student_chunk[~s_text] = -1
-    teacher_chunk[~t_text] = -1
-    reason = np.where(s_text, Unaligned.ALIGNED, Unaligned.SPECIAL).astype(np.int8)
+    alignment, s_closes = _chunks(s_len, s_end, t_len, t_end, total)
     chunks_per_sample = np.bincount(s_sample, weights=s_closes, minlength=n).astype(np.int64)
-    alignment = Alignment(student_chunk, teacher_chunk, reason, int(s_closes.sum()))
     return BatchAlignment(
         alignment,
         np.concatenate([[0], np.cumsum(s_counts)]),
@@ -426,17 +412,28 @@ def align_lengths(student_lengths: np.ndarray, teacher_lengths: np.ndarray) -> A
     t_bytes = int(t_end[-1]) if len(t_end) else 0
     if s_bytes != t_bytes:
         raise ByteMismatchError(f"sample 0: student spells {s_bytes} bytes, teacher {t_bytes}")
+    return _chunks(s_len, s_end, t_len, t_end, s_bytes)[0]
+
+
+def _chunks(s_len: np.ndarray, s_end: np.ndarray, t_len: np.ndarray, t_end: np.ndarray,
+            total: int) -> tuple[Alignment, np.ndarray]:
+    """The alignment of two tokenizations of the same ``total`` bytes, and which student tokens close a chunk.
+
+    Contiguous spans on both sides: every text token's end is a cut point, so the shared cuts are the byte
+    positions where both sides end a token, found with one flag array over the byte axis.
+    """
     s_text, t_text = s_len > 0, t_len > 0
-    t_flags = np.zeros(s_bytes + 1, dtype=bool)
+    t_flags = np.zeros(total + 1, dtype=bool)
     t_flags[t_end[t_text]] = True
-    s_flags = np.zeros(s_bytes + 1, dtype=bool)
+    s_flags = np.zeros(total + 1, dtype=bool)
     s_flags[s_end[s_text]] = True
     s_closes = s_text & t_flags[s_end]  # this student token ends a chunk
     t_closes = t_text & s_flags[t_end]
+    # chunks closed before a token = its chunk index
     student_chunk = np.where(s_text, np.cumsum(s_closes) - s_closes, -1)
     teacher_chunk = np.where(t_text, np.cumsum(t_closes) - t_closes, -1)
     reason = np.where(s_text, np.int8(Unaligned.ALIGNED), np.int8(Unaligned.SPECIAL))
-    return Alignment(student_chunk, teacher_chunk, reason, int(np.count_nonzero(s_closes)))
+    return Alignment(student_chunk, teacher_chunk, reason, int(np.count_nonzero(s_closes))), s_closes
 
 
 def _align_global(s_all, t_all, s_counts, t_counts, base, t_reach, bad_at, tail_reason) -> BatchAlignment:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from .alignment import Alignment, _encode_continuation
-from .token_bytes import TokenBytes, tokenizer_lock
+from .token_bytes import PerObject, TokenBytes, tokenizer_lock
 
 __all__ = [
     "CREDIT_MODES",
@@ -354,18 +354,12 @@ def _probe_junctions(tokenizer: Any) -> np.ndarray:
     return out
 
 
-_EXTENSIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_EXTENSIONS_LOCK = threading.Lock()
+_EXTENSIONS = PerObject()
 
 
 def student_extensions(tokenizer: Any, table: TokenBytes) -> StudentExtensions:
     """The :class:`StudentExtensions` of ``tokenizer``, built once per tokenizer object (about a second)."""
-    with _EXTENSIONS_LOCK:
-        ext = _EXTENSIONS.get(tokenizer)
-        if ext is None:
-            ext = StudentExtensions(tokenizer, table)
-            _EXTENSIONS[tokenizer] = ext
-        return ext
+    return _EXTENSIONS.get(tokenizer, lambda: StudentExtensions(tokenizer, table))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -650,10 +644,11 @@ def _answer_table(keys: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 _QUERIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_QUERIES_LOCK = threading.Lock()
 
 
 def _extension_queries(ext: StudentExtensions, teacher_table: TokenBytes) -> _ExtensionQueries:
-    with _EXTENSIONS_LOCK:
+    with _QUERIES_LOCK:
         per_teacher = _QUERIES.setdefault(ext, {})
         queries = per_teacher.get(id(teacher_table))
         if queries is None or queries.teacher_table is not teacher_table:

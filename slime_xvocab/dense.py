@@ -54,7 +54,7 @@ from .credit import (
     _match_lengths,
     _segment_ranges,
 )
-from .token_bytes import TokenBytes, tokenizer_lock
+from .token_bytes import PerObject, TokenBytes, tokenizer_lock
 
 __all__ = [
     "DEFAULT_DENSE_TOP_K",
@@ -230,17 +230,12 @@ class StudentProjection:
         return token if piece.startswith(self.student_table.bytes_of([token])) else -1
 
 
-_PROJECTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PROJECTIONS_LOCK = threading.Lock()
+_PROJECTIONS = PerObject()
 
 
 def student_projection(tokenizer: Any, student_table: TokenBytes) -> StudentProjection:
     """The :class:`StudentProjection` of a student tokenizer, built once per tokenizer object."""
-    with _PROJECTIONS_LOCK:
-        proj = _PROJECTIONS.get(tokenizer)
-        if proj is None:
-            proj = _PROJECTIONS[tokenizer] = StudentProjection(tokenizer, student_table)
-        return proj
+    return _PROJECTIONS.get(tokenizer, lambda: StudentProjection(tokenizer, student_table))
 
 
 class TokenPrefixes:
@@ -309,17 +304,12 @@ def _successor(prefix: bytes) -> bytes | None:
     return stem[:-1] + bytes([stem[-1] + 1]) if stem else None
 
 
-_PREFIXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_PREFIXES_LOCK = threading.Lock()
+_PREFIXES = PerObject()
 
 
 def token_prefixes(table: TokenBytes) -> TokenPrefixes:
     """The :class:`TokenPrefixes` of a tokenizer's byte table, built once per table."""
-    with _PREFIXES_LOCK:
-        found = _PREFIXES.get(table)
-        if found is None:
-            found = _PREFIXES[table] = TokenPrefixes(table)
-        return found
+    return _PREFIXES.get(table, lambda: TokenPrefixes(table))
 
 
 def _least_listed(top: Sequence) -> np.ndarray:

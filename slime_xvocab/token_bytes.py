@@ -32,6 +32,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,30 @@ def _byte_level_translation() -> dict[int, int]:
             stand_ins[byte] = 256 + extra
             extra += 1
     return {code_point: byte for byte, code_point in stand_ins.items()}
+
+
+class PerObject:
+    """One value per live object (held weakly), built once under a lock: the per-tokenizer tables the hooks
+    share across samples and threads.
+
+    Example:
+        >>> tables = PerObject()
+        >>> key = type("Key", (), {})()
+        >>> tables.get(key, lambda: [1]) is tables.get(key, lambda: [2])
+        True
+    """
+
+    def __init__(self) -> None:
+        self._values: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Any) -> Any:
+        """The value for ``key``, calling ``build()`` the first time."""
+        with self._lock:
+            value = self._values.get(key)
+            if value is None:
+                value = self._values[key] = build()
+            return value
 
 
 @dataclass(frozen=True, eq=False)
