@@ -30,6 +30,10 @@ def run(rank: int, inputs: str, out_dir: str, port: int) -> None:
         (terms["divergence"] * data["weights"]).sum().backward()
         torch.save({"divergence": terms["divergence"].detach(), "student_tail": terms["student_tail"],
                     "grad": local.grad}, f"{out_dir}/rank{rank}.pt")
+        # Both ranks are done with the group before either tears it down: a rank that destroys it while the
+        # other still talks to it aborts in gloo's background thread ("terminate called without an active
+        # exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
