@@ -24,6 +24,7 @@ text into a Qwen3 teacher), and the peak memory of one 64k-token sample (tracema
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 import tracemalloc
@@ -217,9 +218,37 @@ def _serve_frequency_teacher(freq_ids, freq_p, urls, stop) -> None:
         stop.wait(600)
 
 
-def stall_line(n_samples: int = 64) -> None:
+class _FullCollections:
+    """Wall-clock spans of the interpreter's full (generation-2) collections while installed."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []
+        self._start = 0.0
+
+    def __enter__(self) -> _FullCollections:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._note)
+
+    def _note(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif info["generation"] == 2:
+            self.spans.append((self._start, time.perf_counter()))
+
+    def overlaps(self, t0: float, t1: float) -> bool:
+        return any(a < t1 and b > t0 for a, b in self.spans)
+
+
+def stall_line(n_samples: int = 64, runs: int = 3) -> None:
     """Longest delay of a 1 ms heartbeat on the event loop while reward_func scores samples concurrently
-    (the teacher answers from another process, so only the hooks' own work shares this process)."""
+    (the teacher answers from another process, so only the hooks' own work shares this process).
+
+    A delay during which the interpreter ran a full collection is reported apart: its length is set by
+    everything the process holds (torch alone makes a full collection cost ~150 ms here), not by the hooks.
+    """
     import asyncio
     import multiprocessing as mp
 
@@ -231,6 +260,7 @@ def stall_line(n_samples: int = 64) -> None:
     urls, stop = ctx.Queue(), ctx.Event()
     server = ctx.Process(target=_serve_frequency_teacher, args=(freq_ids, counts / counts.sum(), urls, stop))
     server.start()
+    results = []
     try:
         url = urls.get(timeout=60)
         bench = PairBench("qwen3", "llama3_1", (RESPONSES * 40)[:n_samples])
@@ -238,36 +268,50 @@ def stall_line(n_samples: int = 64) -> None:
         args.xvocab_teacher_urls = url
         hooks.reset()
 
-        async def run() -> float:
+        async def run() -> tuple[float, float, int]:
             runtime = await asyncio.to_thread(hooks._runtime, args)  # start-up is not the steady state
             await hooks.reward_func(args, bench.samples[0])
-            worst, done = 0.0, False
+            gc.collect()  # the set-up's garbage is not the steady state either
+            worst = worst_clean = 0.0
+            done = False
 
             async def heartbeat() -> None:
-                nonlocal worst
-                loop = asyncio.get_running_loop()
+                nonlocal worst, worst_clean
                 while not done:
-                    t0 = loop.time()
+                    t0 = time.perf_counter()
                     await asyncio.sleep(0.001)
-                    worst = max(worst, loop.time() - t0 - 0.001)
+                    t1 = time.perf_counter()
+                    worst = max(worst, t1 - t0 - 0.001)
+                    if not collections.overlaps(t0, t1):
+                        worst_clean = max(worst_clean, t1 - t0 - 0.001)
 
-            beat = asyncio.create_task(heartbeat())
-            await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
-            done = True
-            await beat
+            with _FullCollections() as collections:
+                beat = asyncio.create_task(heartbeat())
+                await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
+                done = True
+                await beat
             for teacher in runtime.teachers.values():
                 await teacher.client.aclose()
-            return worst
+            return worst, worst_clean, len(collections.spans)
 
-        worst = asyncio.run(run())
+        for _ in range(runs):
+            results.append(asyncio.run(run()))
         failed = sum(s.metadata["xvocab"]["failed"] for s in bench.samples)
+        gc.collect()
+        t0 = time.perf_counter()
+        gc.collect()
+        full_ms = (time.perf_counter() - t0) * 1e3
     finally:
         stop.set()
         server.join(10)
         if server.is_alive():
             server.kill()
     print(f"\nLongest event-loop stall while {n_samples} samples were scored concurrently through reward_func "
-          f"(teacher in another process, no model): {worst * 1e3:.1f} ms ({failed} fallbacks)")
+          f"(teacher in another process, no model), {runs} runs: "
+          + ", ".join(f"{w * 1e3:.1f} ms" for w, _, _ in results)
+          + "; outside full collections: " + ", ".join(f"{c * 1e3:.1f} ms" for _, c, _ in results)
+          + f"; full collections during the runs: {sum(n for _, _, n in results)} (one costs {full_ms:.0f} ms "
+          f"in this process, {len(gc.get_objects())} tracked objects); {failed} fallbacks")
 
 
 def main() -> None:
@@ -279,7 +323,7 @@ def main() -> None:
     scaling_table(args.quick)
     if not args.quick:
         memory_line()
-    stall_line(16 if args.quick else 64)
+    stall_line(16 if args.quick else 64, 2 if args.quick else 5)
 
 
 if __name__ == "__main__":

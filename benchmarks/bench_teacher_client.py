@@ -42,14 +42,19 @@ from slime_xvocab.teacher_client import TeacherClient  # noqa: E402
 # ---------------------------------------------------------------------------- the no-work server
 
 
+def _logprob(x: float) -> float:
+    """A log-prob as SGLang writes it: a float32 value printed as a Python float (``-1.5189999341964722``)."""
+    return float(np.float32(x))
+
+
 def _answer(ids: list[int], start: int, top_k: int = 0) -> dict:
     L = len(ids)
-    itl = [[None, ids[start], None]] + [[-1.0 - (k % 13) * 0.173, ids[k], None] for k in range(start + 1, L)]
+    itl = [[None, ids[start], None]] + [[_logprob(-1.0 - (k % 13) * 0.173), ids[k], None] for k in range(start + 1, L)]
     top = None
     if top_k:  # the observed token plus k - 1 others, as SGLang lists a top-k
         top = [None] + [
-            [[-1.0 - (k % 13) * 0.173, ids[k], None]] + [[-2.0 - r * 0.25, (ids[k] + 7 * r) % 150_000, None]
-                                                         for r in range(1, top_k)]
+            [[_logprob(-1.0 - (k % 13) * 0.173), ids[k], None]]
+            + [[_logprob(-2.0 - r * 0.25 - k * 1e-4), (ids[k] + 7 * r) % 150_000, None] for r in range(1, top_k)]
             for k in range(start + 1, L)
         ]
     meta = {

@@ -17,9 +17,11 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   response bytes in teacher tokens), scores it on the teacher server (log-probs and top-k), aligns the two
   tokenizations and values each student token with the teacher's probability of that token
   (:mod:`slime_xvocab.credit`), and sets ``sample.teacher_log_probs`` (float32, ``response_length`` values).
-  Tokenisation, alignment and credit run in a worker thread (``asyncio.to_thread``), so generation never
-  stalls. It returns the task reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure
-  distillation. Evaluation samples are never sent to the teacher: they get the task reward only.
+  The teacher requests run on an event loop of the plugin's own, and tokenisation, alignment, credit and the
+  decoding of the teacher's answers on one worker thread, so slime's loop only hands the sample over and
+  takes it back (``benchmarks/README.md`` measures its longest stall). It returns the task reward of
+  ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure distillation. Evaluation samples
+  are never sent to the teacher: they get the task reward only.
 * ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
   flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
   ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
@@ -54,10 +56,14 @@ failed. The single-teacher keys are the one teacher ``default``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import copy
+import functools
 import importlib
 import inspect
 import logging
+import os
 import threading
 import weakref
 from collections import Counter
@@ -216,6 +222,64 @@ def teacher_view_builder(args: Any, teacher: str | None = None) -> Any:
     return runtime.teachers[teacher].builder
 
 
+class _PluginThreads:
+    """The two threads the hooks' work runs on, made on first use and again in a forked child (a fork copies
+    neither thread, so a child must not hand work to its parent's):
+
+    * ``loop``: an event loop of the plugin's own, running every sample's teacher requests, retries and
+      bookkeeping. slime's rollout loop only hands a sample over and takes it back (two callbacks).
+    * ``pool``: one worker thread for the CPU work (teacher view, credit, decoding top-k answers), so the
+      plugin's loop stays free to answer the network meanwhile.
+
+    Why not slime's loop and asyncio's default pool: a loop that runs each sample's HTTP calls and answer
+    handling does ~0.5 ms of Python per sample, and samples arrive in bursts; and every busy Python thread
+    makes the loop wait up to the interpreter's switch interval (5 ms) for the GIL after each socket read or
+    write. ``benchmarks/README.md`` measures the longest stall of slime's loop both ways.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def _ensure(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="xvocab-io", daemon=True).start()
+            self._loop = loop
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xvocab-cpu")
+            self._pid = os.getpid()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        self._ensure()
+        assert self._loop is not None
+        return self._loop
+
+    @property
+    def pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        self._ensure()
+        assert self._pool is not None
+        return self._pool
+
+
+_THREADS = _PluginThreads()
+
+
+async def _on_plugin_loop(coro: Any) -> Any:
+    """Await ``coro`` run on the plugin's own event loop (cancelling the caller cancels it there too)."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _THREADS.loop))
+
+
+async def _on_cpu_thread(func: Any, *args: Any) -> Any:
+    """``await asyncio.to_thread(func, *args)``, on the plugin's CPU worker thread."""
+    call = functools.partial(contextvars.copy_context().run, func, *args)
+    return await asyncio.get_running_loop().run_in_executor(_THREADS.pool, call)
+
+
 def reset(args: Any = None) -> None:
     """Forget cached configs/runtimes (of ``args``, or all, then also slime's logger lookup): for tests and
     notebooks. The teacher clients of the forgotten runtimes close their connection pools (when called
@@ -340,6 +404,7 @@ def _build_teacher(
         max_input_tokens=spec.max_teacher_tokens,
         top_logprobs=spec.top_k if student_token or config.dense else 0,
         temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
+        executor=_THREADS.pool,
     )
     logger.info(
         "slime-xvocab ready: student %s, teacher %r %s (%s), teacher at %s",
@@ -508,11 +573,16 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
         runtime = _cached(_RUNTIMES, args)
         return await _inner_reward(args, sample, config, runtime, kwargs, evaluation=True)
     runtime = _cached(_RUNTIMES, args) or await asyncio.to_thread(_runtime, args)
-    await _startup_probe(runtime)
     _, reward = await asyncio.gather(
-        _score_sample(runtime, sample), _inner_reward(args, sample, config, runtime, kwargs)
+        _on_plugin_loop(_probe_then_score(runtime, sample)), _inner_reward(args, sample, config, runtime, kwargs)
     )
     return reward
+
+
+async def _probe_then_score(runtime: _Runtime, sample: Any) -> None:
+    """On the plugin's loop: the start-up probe (once), then the sample's teacher values."""
+    await _startup_probe(runtime)
+    await _score_sample(runtime, sample)
 
 
 async def _startup_probe(runtime: _Runtime) -> None:
@@ -609,7 +679,7 @@ async def _score_with(
     ``xvocab_fallback: error``, and for configuration errors)."""
     name = teacher.spec.name
     try:
-        view = await asyncio.to_thread(_build_view, runtime.config, teacher, sample, n, sid)
+        view = await _on_cpu_thread(_build_view, runtime.config, teacher, sample, n, sid)
         latency, attempts = 0.0, 0
         if len(view.input_ids) > view.response_start:
             scores = await teacher.client.score(view.input_ids, view.response_start)
@@ -618,17 +688,28 @@ async def _score_with(
             latency, attempts = scores.latency_s, scores.attempts
         else:  # nothing of the response fits the teacher's context: every position keeps its own value
             values, top = np.zeros(0, dtype=np.float32), None
-        credit = await asyncio.to_thread(_credit, runtime, teacher, view, values, top, student)
-        _check_finite(credit.values, runtime.config.credit_mode, name if len(runtime.teachers) > 1 else None)
-        dense = None
-        if runtime.config.dense:
-            dense = await asyncio.to_thread(_dense_targets, runtime, teacher, view, values, top, n)
+        credit, dense, stats = await _on_cpu_thread(
+            _value_answer, runtime, teacher, view, values, top, student, n, latency, attempts
+        )
     except ConfigError:
         raise  # a configuration problem is one start-up error, not a fallback per sample
     except Exception as exc:  # every other failure is a counted fallback with its reason
         if runtime.config.fallback == "error":
             _raise_fatal(exc, sid)
         return _failed(name, weight, exc, n, runtime)
+    return _Scored(name, weight, credit, stats, dense=dense)
+
+
+def _value_answer(
+    runtime: _Runtime, teacher: _Teacher, view: _View, values: np.ndarray, top: Any, student: np.ndarray, n: int,
+    latency: float, attempts: int,
+) -> tuple[CreditResult, Any, dict]:
+    """Credit (checked finite), dense targets (``xvocab_dense``) and statistics of one teacher's answer: the
+    CPU work after the answer, in one hop off the event loop."""
+    credit = _credit(runtime, teacher, view, values, top, student)
+    _check_finite(credit.values, runtime.config.credit_mode,
+                  teacher.spec.name if len(runtime.teachers) > 1 else None)
+    dense = _dense_targets(runtime, teacher, view, values, top, n) if runtime.config.dense else None
     stats = sample_stats(
         view.alignment.stats().as_dict(),
         signal_tokens=int(credit.scored.sum()),
@@ -641,7 +722,7 @@ async def _score_with(
         teacher_truncated_tokens=view.teacher_truncated_tokens,
         dense=dense.stats() if dense is not None else None,
     )
-    return _Scored(name, weight, credit, stats, dense=dense)
+    return credit, dense, stats
 
 
 def _check_finite(values: np.ndarray, credit_mode: str, teacher: str | None) -> None:

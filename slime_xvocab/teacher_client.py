@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import math
@@ -98,7 +99,15 @@ from .errors import (
     TeacherTimeout,
     TeacherUnavailable,
 )
-from .sglang_wire import LOGPROB_EPS, TEMPERATURE_KEY, BadAnswer, build_request, parse_answer, parse_error_message
+from .sglang_wire import (
+    LOGPROB_EPS,
+    TEMPERATURE_KEY,
+    BadAnswer,
+    build_request,
+    collector_paused,
+    parse_answer,
+    parse_error_message,
+)
 from .sglang_wire import dumps as _dumps
 from .sglang_wire import loads as _loads
 from .urls import check_url, has_credentials, redact_url
@@ -119,10 +128,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Answers larger than this (bytes), or with more log-prob entries than ``OFFLOAD_ENTRIES``, are decoded and
-#: validated in a worker thread: on the event loop a long top-k answer would stall slime's rollout.
+#: Answers larger than this (bytes), or with more top-k candidates than ``OFFLOAD_ENTRIES``, are decoded and
+#: validated in a worker thread, in one hop: on the event loop, a burst of top-k answers arriving together
+#: stalls slime's rollout (a 33-token answer with a top-20 costs about 0.3 ms to decode and check). A smaller
+#: answer stays on the loop: the hop costs more CPU than the decode (measured in benchmarks/README.md).
 OFFLOAD_BYTES = 1 << 16
-OFFLOAD_ENTRIES = 4096
+OFFLOAD_ENTRIES = 512
 #: HTTP statuses that are retried (besides every 5xx): request timeout, too many requests.
 RETRY_STATUSES = frozenset({408, 429})
 #: Failure kinds, each counted in ``stats()`` as ``failures_<kind>``.
@@ -364,6 +375,9 @@ class TeacherClient:
         ca_bundle: PEM file of the CA(s) that sign the teacher's certificate (a private CA); default: the
             system store (and ``SSL_CERT_FILE``).
         verify_tls: False skips certificate verification for ``https://`` teachers (testing only).
+        executor: where answers are decoded and validated off the event loop (default: the loop's default
+            executor); pass one shared with the caller's other CPU work to bound the threads that compete
+            with the event loop for the GIL.
 
     Raises:
         ValueError: no URL, a bad URL (scheme, host, port), credentials in a URL together with
@@ -392,6 +406,7 @@ class TeacherClient:
         health_path: str = "/health_generate",
         ca_bundle: str | None = None,
         verify_tls: bool = True,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         url_list = [urls] if isinstance(urls, str) else list(urls)
         if not url_list:
@@ -441,6 +456,7 @@ class TeacherClient:
         self.connect_timeout_s = min(self.timeout_s, 10.0) if connect_timeout_s is None else connect_timeout_s
         self.trust_env = trust_env
         self.health_path = health_path
+        self.executor = executor
         self.pool = EndpointPool(self.urls, self.cooldown_s)
         self._endpoints = self.pool.endpoints
         # Per-event-loop resources: an asyncio.Semaphore and an aiohttp session are bound to the loop that
@@ -582,13 +598,17 @@ class TeacherClient:
 
     def _check_item(self, input_ids: Sequence[int], response_start: int, index: int | None) -> list[int]:
         where = "sequence" if index is None else f"sequence {index}"
-        arr = np.asarray(input_ids)
-        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):  # signed or unsigned ints
-            raise SampleError(
-                f"{where}: input_ids must be a flat sequence of integer token ids, got array of shape "
-                f"{arr.shape} and dtype {arr.dtype}"
-            )
-        n = int(arr.size)
+        if type(input_ids) is list and set(map(type, input_ids)) <= {int}:  # the common case, without numpy
+            ids, lowest = list(input_ids), min(input_ids, default=0)
+        else:
+            arr = np.asarray(input_ids)
+            if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):  # signed or unsigned ints
+                raise SampleError(
+                    f"{where}: input_ids must be a flat sequence of integer token ids, got array of shape "
+                    f"{arr.shape} and dtype {arr.dtype}"
+                )
+            ids, lowest = arr.astype(np.int64, copy=False).tolist(), int(arr.min()) if arr.size else 0
+        n = len(ids)
         rs = int(response_start)
         if rs < 1:
             raise SampleError(
@@ -601,15 +621,15 @@ class TeacherClient:
                 f"{where}: response_start={rs} is past the end of input_ids (len {n}); "
                 "it must be <= len(input_ids)"
             )
-        if n and int(arr.min()) < 0:
-            raise SampleError(f"{where}: input_ids contain a negative token id ({int(arr.min())})")
+        if lowest < 0:
+            raise SampleError(f"{where}: input_ids contain a negative token id ({lowest})")
         if self.max_input_tokens is not None and n > self.max_input_tokens:
             raise SampleError(
                 f"{where}: input has {n} tokens, more than the teacher's limit max_input_tokens="
                 f"{self.max_input_tokens}; shorten the prompt/response or raise the teacher's "
                 "--context-length (and max_input_tokens). It was not sent."
             )
-        return arr.astype(np.int64, copy=False).tolist()
+        return ids
 
     # ------------------------------------------------------------------ public API
 
@@ -750,14 +770,15 @@ class TeacherClient:
                 self._counts["retries"] += 1
             try:
                 async with sem:
-                    data = await self._post(http, ep, body)
-                try:
-                    if sum(len(ids) - start for ids, start in items) * (1 + self.top_logprobs) > OFFLOAD_ENTRIES:
-                        parsed = await asyncio.to_thread(parse_answer, data, items, self.top_logprobs)
-                    else:
-                        parsed = parse_answer(data, items, self.top_logprobs)
-                except BadAnswer as e:
-                    raise _bad(ep.shown, e) from None
+                    content = await self._post(http, ep, body)
+                candidates = sum(len(ids) - start for ids, start in items) * self.top_logprobs
+                if candidates > OFFLOAD_ENTRIES or len(content) > OFFLOAD_BYTES:
+                    loop = asyncio.get_running_loop()
+                    parsed = await loop.run_in_executor(
+                        self.executor, _decode_answer, content, items, self.top_logprobs, ep.shown
+                    )
+                else:
+                    parsed = _decode_answer(content, items, self.top_logprobs, ep.shown)
             except _AttemptFailed as e:
                 self._counts[f"failures_{e.kind}"] += 1
                 if e.kind != "4xx" and e.kind != "bad_response":
@@ -825,8 +846,8 @@ class TeacherClient:
             hint = f"Check that the teacher is up (GET {_base_url(redact_url(sorted(tried)[0]))}/health_generate)."
         return TeacherUnavailable(f"{summary}. {hint}", **count)
 
-    async def _post(self, http: aiohttp.ClientSession, ep: _Endpoint, body: bytes) -> Any:
-        """One HTTP attempt; returns decoded JSON or raises _AttemptFailed."""
+    async def _post(self, http: aiohttp.ClientSession, ep: _Endpoint, body: bytes) -> bytes:
+        """One HTTP attempt; returns the body of a 200 answer or raises _AttemptFailed."""
         ep.requests += 1
         self._counts["requests"] += 1
         self._counts["bytes_sent"] += len(body)
@@ -854,17 +875,28 @@ class TeacherClient:
                 "4xx", f"{ep.shown} rejected the request with HTTP {status}: {msg}{_hint(status, msg)}", False,
                 status=status,
             )
+        return content
+
+
+def _decode_answer(
+    content: bytes, items: list[tuple[list[int], int]], top_k: int, shown: str
+) -> list[tuple[np.ndarray, Any, float]]:
+    """Decode and validate one answer body (pure CPU: run on the loop or in a worker); a body that is not
+    JSON or not a valid answer raises ``_AttemptFailed("bad_response")``."""
+    with collector_paused():  # the decoded answer is dropped before any collection can see it
         try:
-            if len(content) > OFFLOAD_BYTES:  # decoding a long top-k answer would stall the event loop
-                return await asyncio.to_thread(_loads, content)
-            return _loads(content)
+            data = _loads(content)
         except ValueError:
             snippet = content[:200].decode("utf-8", "replace")
             raise _AttemptFailed(
-                "bad_response",
-                f"teacher {ep.shown} answered 200 with a body that is not JSON: {snippet!r}",
-                False,
+                "bad_response", f"teacher {shown} answered 200 with a body that is not JSON: {snippet!r}", False
             ) from None
+        try:
+            return parse_answer(data, items, top_k)
+        except BadAnswer as e:
+            raise _bad(shown, e) from None
+        finally:
+            del data
 
 
 async def _close_quietly(session: aiohttp.ClientSession) -> None:

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -349,6 +350,63 @@ def test_student_token_credit_asks_for_top_k_and_conserves_the_teacher_mass(teac
                 assert got.sum() == pytest.approx(float(scores.log_probs.sum()), abs=1e-3)
     finally:
         client.close()
+
+
+def test_plugin_work_runs_off_slimes_loop_on_two_threads_of_its_own(teacher, monkeypatch):
+    """Samples scored together: their requests and bookkeeping run on the plugin's event loop thread, their
+    CPU work (view, credit, answer decoding) on its one worker thread; nothing on slime's loop
+    (benchmarks/README.md measures what that does to the loop's stalls)."""
+    from slime_xvocab import sglang_wire, teacher_client
+
+    monkeypatch.setattr(teacher_client, "OFFLOAD_ENTRIES", 0)  # decode every top-k answer off the loop
+    threads: dict[str, set] = {"view": set(), "credit": set(), "decode": set(), "bookkeeping": set()}
+
+    def recorded(what, func):
+        def run(*args, **kwargs):
+            threads[what].add(threading.current_thread().name)
+            return func(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(hooks, "_build_view", recorded("view", hooks._build_view))
+    monkeypatch.setattr(hooks, "_credit", recorded("credit", hooks._credit))
+    monkeypatch.setattr(hooks, "_set_scores", recorded("bookkeeping", hooks._set_scores))
+    monkeypatch.setattr(teacher_client, "parse_answer", recorded("decode", sglang_wire.parse_answer))
+    samples = run_rollout(xargs(teacher.url), rollout(Sample, 6))
+    assert all(not s.metadata["xvocab"]["failed"] for s in samples)
+    cpu = {hooks._THREADS.pool._thread_name_prefix + "_0"}
+    assert threads["view"] == threads["credit"] == threads["decode"] == cpu
+    assert threads["bookkeeping"] == {"xvocab-io"}
+
+
+async def _thread_name() -> str:
+    return threading.current_thread().name
+
+
+def _plugin_threads_in_child(out) -> None:
+    async def main():
+        return await hooks._on_plugin_loop(_thread_name())
+
+    out.put((asyncio.run(main()), os.getpid()))
+
+
+def test_a_forked_child_gets_plugin_threads_of_its_own():
+    """A fork copies no thread: a child that reused its parent's plugin loop would wait on it forever."""
+    import multiprocessing as mp
+
+    parent_loop = hooks._THREADS.loop
+    assert asyncio.run(hooks._on_plugin_loop(_thread_name())) == "xvocab-io"
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_plugin_threads_in_child, args=(out,))
+    child.start()
+    try:
+        name, _ = out.get(timeout=30)
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert name == "xvocab-io" and child.exitcode == 0
+    assert hooks._THREADS.loop is parent_loop  # the parent's stay as they were
 
 
 @pytest.mark.parametrize("cls", SAMPLE_CLASSES)

@@ -70,3 +70,45 @@ def test_top_k_is_read_position_by_position_and_bad_entries_are_named():
     a["meta_info"]["input_top_logprobs"][1 + 3] = []
     with pytest.raises(BadAnswer, match="offset 3 should list 1..5 entries"):
         parse_answer(a, [(ids, start)], top_k=5)
+
+
+def test_no_collection_sees_a_decoded_answer_and_pauses_nest_across_threads():
+    """Decoding inside collector_paused triggers no collection even with a hair-trigger threshold; pauses
+    nest and overlap across threads, and the collector is back on only when the last one ends."""
+    import gc
+    import threading
+
+    from slime_xvocab.sglang_wire import collector_paused
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 1000, 400).tolist()
+    body = dumps(answer(ids, 1, (-rng.exponential(size=399)).tolist(), top_k=1))
+    seen = []
+    callback = lambda phase, info: seen.append(phase)  # noqa: E731
+    threshold = gc.get_threshold()
+    gc.callbacks.append(callback)
+    gc.set_threshold(5)
+    try:
+        with collector_paused():
+            seen.clear()  # a collection may run on the way in, before the pause
+            ((lps, top, _),) = parse_answer(loads(body), [(ids, 1)], top_k=1)
+            entered, leave = threading.Event(), threading.Event()
+
+            def other():
+                with collector_paused():
+                    entered.set()
+                    leave.wait(5)
+
+            worker = threading.Thread(target=other)
+            worker.start()
+            entered.wait(5)
+        assert not gc.isenabled()  # the other thread's pause is still open
+        assert seen == []  # nothing was collected while the answer was decoded, checked and held
+        leave.set()
+        worker.join(5)
+        assert gc.isenabled()
+        assert len(lps) == 399 and len(top) == 399
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(callback)
+        gc.enable()

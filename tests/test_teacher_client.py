@@ -13,12 +13,14 @@ import json
 import logging
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from aiohttp import web
 from loopback import LoopbackApp
 
+from slime_xvocab import teacher_client
 from slime_xvocab.errors import (
     SampleError,
     TeacherBadResponse,
@@ -255,8 +257,11 @@ def test_over_long_and_invalid_inputs_are_rejected_before_sending(server):
             c.score(IDS[:4], 5)
         with pytest.raises(SampleError, match="negative token id"):
             c.score([1, -2, 3], 1)
-        with pytest.raises(SampleError, match="integer token ids"):
-            c.score([[1, 2], [3, 4]], 1)
+        with pytest.raises(SampleError, match="negative token id"):
+            c.score(np.array([1, -2, 3]), 1)
+        for not_ids in ([[1, 2], [3, 4]], [1.0, 2.0], [1, 2.5], [1, "2"], np.array([1.0, 2.0])):
+            with pytest.raises(SampleError, match="integer token ids"):
+                c.score(not_ids, 1)
         assert c.stats()["requests"] == 0
     assert server.requests == 0
 
@@ -381,7 +386,10 @@ def test_401_hints_at_the_api_key(server):
         (("status", 200, "[1, 2]"), "expected an object with 'meta_info'"),
     ],
 )
-def test_bad_answers_raise_bad_response_and_are_not_used(server, action, message):
+@pytest.mark.parametrize("off_loop", [False, True], ids=["on-loop", "off-loop"])
+def test_bad_answers_raise_bad_response_and_are_not_used(server, action, message, off_loop, monkeypatch):
+    if off_loop:  # every answer decoded in a worker thread, as long or top-k answers are
+        monkeypatch.setattr(teacher_client, "OFFLOAD_BYTES", 0)
     server.script = [action]
     with client(server.url) as c:
         with pytest.raises(TeacherBadResponse, match=message.replace("(", r"\(").replace(")", r"\)")) as ei:
@@ -401,6 +409,24 @@ def test_bad_answers_can_be_retried_when_asked(server):
     with client(server.url, retry_bad_responses=True) as c:
         assert c.score(IDS, 6).attempts == 2
         assert c.stats()["failures_bad_response"] == 1
+
+
+def test_answers_are_decoded_on_the_executor_given(server):
+    class Counting(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, *args, **kwargs):
+            Counting.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    with Counting(1) as pool:
+        with client(server.url, top_logprobs=2, executor=pool) as c:
+            small = c.score(IDS, 8)  # 2 positions x 3 entries: decoded on the loop
+            assert Counting.submitted == 0
+            long_ids = list(range(1, 400))
+            scores = c.score(long_ids, 2)  # 397 x 3 entries: decoded in the pool
+    assert Counting.submitted == 1
+    assert len(small.log_probs) == 2 and len(scores.log_probs) == 397 and len(scores.top_log_probs) == 397
 
 
 def test_bad_top_logprobs_are_caught(server):
