@@ -268,31 +268,36 @@ def stall_line(n_samples: int = 64, runs: int = 3) -> None:
         args.xvocab_teacher_urls = url
         hooks.reset()
 
-        async def run() -> tuple[float, float, int]:
+        async def heartbeat(work, collections: _FullCollections) -> tuple[float, float]:
+            """Longest delay of a 1 ms sleep while ``work`` runs: all of them, and those without a full
+            collection in them."""
+            worst = worst_clean = 0.0
+            task = asyncio.ensure_future(work)
+            while not task.done():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.001)
+                t1 = time.perf_counter()
+                worst = max(worst, t1 - t0 - 0.001)
+                if not collections.overlaps(t0, t1):
+                    worst_clean = max(worst_clean, t1 - t0 - 0.001)
+            await task
+            return worst, worst_clean
+
+        async def run() -> tuple[float, float, int, float]:
             runtime = await asyncio.to_thread(hooks._runtime, args)  # start-up is not the steady state
             await hooks.reward_func(args, bench.samples[0])
             gc.collect()  # the set-up's garbage is not the steady state either
-            worst = worst_clean = 0.0
-            done = False
-
-            async def heartbeat() -> None:
-                nonlocal worst, worst_clean
-                while not done:
-                    t0 = time.perf_counter()
-                    await asyncio.sleep(0.001)
-                    t1 = time.perf_counter()
-                    worst = max(worst, t1 - t0 - 0.001)
-                    if not collections.overlaps(t0, t1):
-                        worst_clean = max(worst_clean, t1 - t0 - 0.001)
-
             with _FullCollections() as collections:
-                beat = asyncio.create_task(heartbeat())
-                await asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples))
-                done = True
-                await beat
+                t0 = time.perf_counter()
+                worst, worst_clean = await heartbeat(
+                    asyncio.gather(*(hooks.reward_func(args, s) for s in bench.samples)), collections
+                )
+                busy_s = time.perf_counter() - t0
+                # The floor: the same heartbeat, as long, on a loop with nothing else to do (the machine's noise).
+                _, idle = await heartbeat(asyncio.sleep(busy_s), collections)
             for teacher in runtime.teachers.values():
                 await teacher.client.aclose()
-            return worst, worst_clean, len(collections.spans)
+            return worst, worst_clean, len(collections.spans), idle
 
         for _ in range(runs):
             results.append(asyncio.run(run()))
@@ -306,12 +311,13 @@ def stall_line(n_samples: int = 64, runs: int = 3) -> None:
         server.join(10)
         if server.is_alive():
             server.kill()
-    print(f"\nLongest event-loop stall while {n_samples} samples were scored concurrently through reward_func "
-          f"(teacher in another process, no model), {runs} runs: "
-          + ", ".join(f"{w * 1e3:.1f} ms" for w, _, _ in results)
-          + "; outside full collections: " + ", ".join(f"{c * 1e3:.1f} ms" for _, c, _ in results)
-          + f"; full collections during the runs: {sum(n for _, _, n in results)} (one costs {full_ms:.0f} ms "
-          f"in this process, {len(gc.get_objects())} tracked objects); {failed} fallbacks")
+    ms = lambda values: ", ".join(f"{v * 1e3:.1f}" for v in values)  # noqa: E731
+    print(f"\nLongest stall of slime's event loop while {n_samples} samples were scored concurrently through "
+          f"reward_func (teacher in another process, no model), {runs} runs, ms: {ms(r[0] for r in results)}; "
+          f"outside full collections: {ms(r[1] for r in results)}; floor (the same heartbeat on an idle loop, "
+          f"as long, right after): {ms(r[3] for r in results)}. Full collections during the runs: "
+          f"{sum(r[2] for r in results)} (one costs {full_ms:.0f} ms in this process, {len(gc.get_objects())} "
+          f"tracked objects); {failed} fallbacks")
 
 
 def main() -> None:

@@ -237,7 +237,8 @@ class XVocabConfig:
         DEFAULT_TOP_K,
         "Teacher top-k log-probs fetched per position for credit_mode=student_token (SGLang "
         "`top_logprobs_num`). Larger k sees more of a diffuse teacher's distribution; the answer grows by "
-        "about 22 bytes per candidate and position. rollout/xvocab/top_k_mass reports the mass it covered.",
+        "about 33 bytes per candidate and position and the client's CPU in proportion "
+        "(docs/teacher-server.md). rollout/xvocab/top_k_mass reports the mass it covered.",
         "int",
         minimum=1,
     )

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import copy
 import functools
@@ -227,14 +228,16 @@ class _PluginThreads:
     neither thread, so a child must not hand work to its parent's):
 
     * ``loop``: an event loop of the plugin's own, running every sample's teacher requests, retries and
-      bookkeeping. slime's rollout loop only hands a sample over and takes it back (two callbacks).
+      bookkeeping. slime's rollout loop only hands samples over and takes them back.
     * ``pool``: one worker thread for the CPU work (teacher view, credit, decoding top-k answers), so the
       plugin's loop stays free to answer the network meanwhile.
 
     Why not slime's loop and asyncio's default pool: a loop that runs each sample's HTTP calls and answer
     handling does ~0.5 ms of Python per sample, and samples arrive in bursts; and every busy Python thread
     makes the loop wait up to the interpreter's switch interval (5 ms) for the GIL after each socket read or
-    write. ``benchmarks/README.md`` measures the longest stall of slime's loop both ways.
+    write. For the same reason the samples one iteration of slime's loop hands over (64 at once with
+    ``--group-rm``) wake the plugin's loop once, not once each. ``benchmarks/README.md`` measures the longest
+    stall of slime's loop.
     """
 
     def __init__(self) -> None:
@@ -242,6 +245,7 @@ class _PluginThreads:
         self._pid = -1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._handing: dict[asyncio.AbstractEventLoop, list] = {}  # caller loop -> hand-overs of this iteration
 
     def _ensure(self) -> None:
         with self._lock:
@@ -251,6 +255,7 @@ class _PluginThreads:
             threading.Thread(target=loop.run_forever, name="xvocab-io", daemon=True).start()
             self._loop = loop
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xvocab-cpu")
+            self._handing = {}
             self._pid = os.getpid()
 
     @property
@@ -265,13 +270,52 @@ class _PluginThreads:
         assert self._pool is not None
         return self._pool
 
+    def hand_over(self, coro: Any) -> concurrent.futures.Future:
+        """Run ``coro`` on the plugin's loop (call from the caller's running loop); cancelling the returned
+        future cancels the coroutine there."""
+        caller = asyncio.get_running_loop()
+        plugin_loop = self.loop
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        batch = self._handing.get(caller)
+        if batch is None:  # the first hand-over of this iteration: send them all when the iteration ends
+            batch = self._handing[caller] = []
+            caller.call_soon(self._send, caller, plugin_loop)
+        batch.append((coro, done))
+        return done
+
+    def _send(self, caller: asyncio.AbstractEventLoop, plugin_loop: asyncio.AbstractEventLoop) -> None:
+        plugin_loop.call_soon_threadsafe(self._start, plugin_loop, self._handing.pop(caller))
+
+    @staticmethod
+    def _start(plugin_loop: asyncio.AbstractEventLoop, batch: list) -> None:
+        for coro, done in batch:
+            if done.cancelled():
+                coro.close()
+                continue
+            task = plugin_loop.create_task(coro)
+            task.add_done_callback(functools.partial(_settle, done))
+            done.add_done_callback(
+                lambda f, task=task: f.cancelled() and plugin_loop.call_soon_threadsafe(task.cancel)
+            )
+
+
+def _settle(done: concurrent.futures.Future, task: asyncio.Task) -> None:
+    """Copy a finished task's outcome to the future its caller awaits (unless the caller gave up on it)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if task.cancelled():
+            done.cancel()
+        elif task.exception() is not None:
+            done.set_exception(task.exception())
+        else:
+            done.set_result(task.result())
+
 
 _THREADS = _PluginThreads()
 
 
 async def _on_plugin_loop(coro: Any) -> Any:
     """Await ``coro`` run on the plugin's own event loop (cancelling the caller cancels it there too)."""
-    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, _THREADS.loop))
+    return await asyncio.wrap_future(_THREADS.hand_over(coro))
 
 
 async def _on_cpu_thread(func: Any, *args: Any) -> Any:

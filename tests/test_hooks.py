@@ -389,6 +389,51 @@ def _plugin_threads_in_child(out) -> None:
     out.put((asyncio.run(main()), os.getpid()))
 
 
+def test_hand_overs_of_one_iteration_wake_the_plugin_loop_once_and_finish_each_on_its_own(monkeypatch):
+    """64 samples handed over together cost one wake-up of the plugin's loop (each wake-up can keep slime's
+    loop waiting for the GIL); each result still comes back as soon as its own work ends, and cancelling a
+    caller cancels its work on the plugin's loop."""
+    plugin_loop = hooks._THREADS.loop
+    wakeups = []
+    original = plugin_loop.call_soon_threadsafe
+
+    def counted(callback, *args, **kwargs):
+        wakeups.append(callback)
+        return original(callback, *args, **kwargs)
+
+    monkeypatch.setattr(plugin_loop, "call_soon_threadsafe", counted)
+    release, cancelled = threading.Event(), threading.Event()
+
+    async def quick(i):
+        return i, threading.current_thread().name
+
+    async def slow():
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return "slow"
+
+    async def stuck():
+        try:
+            await asyncio.sleep(60)
+        finally:
+            cancelled.set()
+
+    async def main():
+        slow_task = asyncio.ensure_future(hooks._on_plugin_loop(slow()))
+        stuck_task = asyncio.ensure_future(hooks._on_plugin_loop(stuck()))
+        quick_results = await asyncio.gather(*(hooks._on_plugin_loop(quick(i)) for i in range(64)))
+        assert not slow_task.done()  # the quick ones did not wait for it
+        release.set()
+        stuck_task.cancel()
+        return quick_results, await slow_task
+
+    quick_results, slow_result = asyncio.run(main())
+    assert quick_results == [(i, "xvocab-io") for i in range(64)] and slow_result == "slow"
+    assert cancelled.wait(5)
+    starts = [w for w in wakeups if getattr(w, "__name__", "") == "_start"]
+    assert len(starts) == 1 and len(starts) + 1 == len(wakeups)  # 66 hand-overs in one iteration; one cancel
+
+
 def test_a_forked_child_gets_plugin_threads_of_its_own():
     """A fork copies no thread: a child that reused its parent's plugin loop would wait on it forever."""
     import multiprocessing as mp
