@@ -313,6 +313,14 @@ def _settle(done: concurrent.futures.Future, task: asyncio.Task) -> None:
 _THREADS = _PluginThreads()
 
 
+class _CpuExecutor(concurrent.futures.Executor):
+    """The plugin's CPU thread for a teacher client: looked up at each call, so a client built before a fork
+    uses the child's thread, not the parent's (which the child does not have)."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        return _THREADS.pool.submit(fn, *args, **kwargs)
+
+
 async def _on_plugin_loop(coro: Any) -> Any:
     """Await ``coro`` run on the plugin's own event loop (cancelling the caller cancels it there too)."""
     return await asyncio.wrap_future(_THREADS.hand_over(coro))
@@ -448,7 +456,7 @@ def _build_teacher(
         max_input_tokens=spec.max_teacher_tokens,
         top_logprobs=spec.top_k if student_token or config.dense else 0,
         temperature=1.0 if config.teacher_temperature is None else config.teacher_temperature,
-        executor=_THREADS.pool,
+        executor=_CpuExecutor(),
     )
     logger.info(
         "slime-xvocab ready: student %s, teacher %r %s (%s), teacher at %s",

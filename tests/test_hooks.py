@@ -382,11 +382,12 @@ async def _thread_name() -> str:
     return threading.current_thread().name
 
 
-def _plugin_threads_in_child(out) -> None:
+def _plugin_threads_in_child(out, executor) -> None:
     async def main():
         return await hooks._on_plugin_loop(_thread_name())
 
-    out.put((asyncio.run(main()), os.getpid()))
+    cpu = executor.submit(lambda: threading.current_thread().name).result(timeout=10)
+    out.put((asyncio.run(main()), cpu))
 
 
 def test_hand_overs_of_one_iteration_wake_the_plugin_loop_once_and_finish_each_on_its_own(monkeypatch):
@@ -440,17 +441,19 @@ def test_a_forked_child_gets_plugin_threads_of_its_own():
 
     parent_loop = hooks._THREADS.loop
     assert asyncio.run(hooks._on_plugin_loop(_thread_name())) == "xvocab-io"
+    executor = hooks._CpuExecutor()  # what a teacher client built before the fork holds
+    assert executor.submit(lambda: threading.current_thread().name).result() == "xvocab-cpu_0"
     ctx = mp.get_context("fork")
     out = ctx.Queue()
-    child = ctx.Process(target=_plugin_threads_in_child, args=(out,))
+    child = ctx.Process(target=_plugin_threads_in_child, args=(out, executor))
     child.start()
     try:
-        name, _ = out.get(timeout=30)
+        name, cpu = out.get(timeout=30)
     finally:
         child.join(10)
         if child.is_alive():
             child.kill()
-    assert name == "xvocab-io" and child.exitcode == 0
+    assert name == "xvocab-io" and cpu == "xvocab-cpu_0" and child.exitcode == 0
     assert hooks._THREADS.loop is parent_loop  # the parent's stay as they were
 
 
