@@ -56,6 +56,7 @@ failed. The single-teacher keys are the one teacher ``default``.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import contextvars
@@ -68,7 +69,7 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -256,7 +257,20 @@ class _PluginThreads:
             self._loop = loop
             self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="xvocab-cpu")
             self._handing = {}
+            if self._pid == -1:  # once per process image; a forked child inherits the registration
+                atexit.register(self._close_clients)
             self._pid = os.getpid()
+
+    def _close_clients(self) -> None:
+        """At exit, close the teacher clients' connection pools on the loop they live on, which is still
+        running then (daemon threads stop after the exit handlers), so aiohttp has no unclosed session to
+        report."""
+        loop = self._loop
+        if loop is None or self._pid != os.getpid() or not loop.is_running():
+            return
+        clients = [t.client for _, runtime in list(_RUNTIMES.values()) for t in runtime.teachers.values()]
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_close_all(clients), loop).result(timeout=5)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -297,6 +311,10 @@ class _PluginThreads:
             done.add_done_callback(
                 lambda f, task=task: f.cancelled() and plugin_loop.call_soon_threadsafe(task.cancel)
             )
+
+
+async def _close_all(clients: list[Any]) -> None:
+    await asyncio.gather(*(c.aclose() for c in clients), return_exceptions=True)
 
 
 def _settle(done: concurrent.futures.Future, task: asyncio.Task) -> None:
@@ -625,16 +643,17 @@ async def reward_func(args: Any, sample: Any, **kwargs: Any) -> Any:
         runtime = _cached(_RUNTIMES, args)
         return await _inner_reward(args, sample, config, runtime, kwargs, evaluation=True)
     runtime = _cached(_RUNTIMES, args) or await asyncio.to_thread(_runtime, args)
-    _, reward = await asyncio.gather(
+    write_scores, reward = await asyncio.gather(
         _on_plugin_loop(_probe_then_score(runtime, sample)), _inner_reward(args, sample, config, runtime, kwargs)
     )
+    write_scores()  # here, on slime's loop: the inner reward (user code) may have written to the sample too
     return reward
 
 
-async def _probe_then_score(runtime: _Runtime, sample: Any) -> None:
+async def _probe_then_score(runtime: _Runtime, sample: Any) -> Callable[[], None]:
     """On the plugin's loop: the start-up probe (once), then the sample's teacher values."""
     await _startup_probe(runtime)
-    await _score_sample(runtime, sample)
+    return await _score_sample(runtime, sample)
 
 
 async def _startup_probe(runtime: _Runtime) -> None:
@@ -686,12 +705,15 @@ class _Scored:
     dense: Any = None  # dense.DenseTargets with xvocab_dense
 
 
-async def _score_sample(runtime: _Runtime, sample: Any) -> None:
+async def _score_sample(runtime: _Runtime, sample: Any) -> Callable[[], None]:
     """Route -> per teacher: view -> log-probs -> alignment -> credit -> mixture -> ``sample.teacher_log_probs``.
 
     Every routed teacher scores the sample concurrently through its own client. A teacher that fails is
     counted against that teacher; the sample falls back (student's own log-probs) only when every routed
     teacher failed. ``metadata["xvocab"]`` gains ``teachers`` (stats per teacher) and ``route`` (names).
+
+    Returns what writes the results to the sample, for the caller's thread to run: the sample is read here
+    but written only there, where nothing else (the inner reward) writes to it at the same time.
     """
     config = runtime.config
     sid = _sample_id(sample)
@@ -700,28 +722,33 @@ async def _score_sample(runtime: _Runtime, sample: Any) -> None:
     route, matched = route_of(md, config.teacher_route_key, config.teacher_routes, config.default_teacher)
     names = [name for name, _ in route]
     if n == 0:
-        stats = sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict())
-        stats["unrouted"] = float(not matched)
-        sample.teacher_log_probs = _to_tensor(np.zeros(0))
-        if config.dense:
-            from .dense_transport import set_sample_targets
-
-            set_sample_targets(sample, _no_dense_targets(config, 0))
-        _update_meta(sample, stats=stats, failed=False, error=None, evaluation=False, route=names,
-                     teachers={name: stats for name in names})
-        return
+        return functools.partial(_set_empty_scores, config, sample, matched, names)
     student = None
     try:
         student = _student_log_probs(sample, n, sid)
     except SampleError as exc:  # the sample itself is unusable: no teacher is asked, none is charged
         if config.fallback == "error":
             _raise_fatal(exc, sid)
-        _set_scores(runtime, sample, n, None, [_failed(name, w, exc, n, runtime) for name, w in route], matched, {})
-        return
+        failed = [_failed(name, w, exc, n, runtime) for name, w in route]
+        return functools.partial(_set_scores, runtime, sample, n, None, failed, matched, {})
     scored = await asyncio.gather(
         *(_score_with(runtime, runtime.teachers[name], w, sample, n, sid, student) for name, w in route)
     )
-    _set_scores(runtime, sample, n, student, list(scored), matched, {s.name: s.stats for s in scored})
+    return functools.partial(_set_scores, runtime, sample, n, student, list(scored), matched,
+                             {s.name: s.stats for s in scored})
+
+
+def _set_empty_scores(config: XVocabConfig, sample: Any, matched: bool, names: list[str]) -> None:
+    """An empty response: no values, nothing asked of any teacher."""
+    stats = sample_stats(Alignment.unaligned(0, Unaligned.SPECIAL).stats().as_dict())
+    stats["unrouted"] = float(not matched)
+    sample.teacher_log_probs = _to_tensor(np.zeros(0))
+    if config.dense:
+        from .dense_transport import set_sample_targets
+
+        set_sample_targets(sample, _no_dense_targets(config, 0))
+    _update_meta(sample, stats=stats, failed=False, error=None, evaluation=False, route=names,
+                 teachers={name: stats for name in names})
 
 
 async def _score_with(

@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -79,6 +80,15 @@ QWEN_KWARGS = {"enable_thinking": False}
 async def task_reward(args, sample, **kwargs) -> float:
     """An inner reward for the tests: 1.0 if the response mentions a digit."""
     return float(any(c.isdigit() for c in sample.response))
+
+
+async def slow_metadata_reward(args, sample, **kwargs) -> float:
+    """An inner reward that rewrites the sample's metadata across an await (read, wait, write back)."""
+    metadata = dict(sample.metadata)
+    await asyncio.sleep(0.5)  # the teacher has answered by now
+    metadata["judge"] = "seen"
+    sample.metadata = metadata
+    return 1.0
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -353,13 +363,13 @@ def test_student_token_credit_asks_for_top_k_and_conserves_the_teacher_mass(teac
 
 
 def test_plugin_work_runs_off_slimes_loop_on_two_threads_of_its_own(teacher, monkeypatch):
-    """Samples scored together: their requests and bookkeeping run on the plugin's event loop thread, their
-    CPU work (view, credit, answer decoding) on its one worker thread; nothing on slime's loop
+    """Samples scored together: their requests run on the plugin's event loop thread, their CPU work (view,
+    credit, answer decoding) on its one worker thread; slime's loop only writes the results to each sample
     (benchmarks/README.md measures what that does to the loop's stalls)."""
     from slime_xvocab import sglang_wire, teacher_client
 
     monkeypatch.setattr(teacher_client, "OFFLOAD_ENTRIES", 0)  # decode every top-k answer off the loop
-    threads: dict[str, set] = {"view": set(), "credit": set(), "decode": set(), "bookkeeping": set()}
+    threads: dict[str, set] = {"view": set(), "credit": set(), "decode": set(), "requests": set(), "writes": set()}
 
     def recorded(what, func):
         def run(*args, **kwargs):
@@ -369,13 +379,15 @@ def test_plugin_work_runs_off_slimes_loop_on_two_threads_of_its_own(teacher, mon
 
     monkeypatch.setattr(hooks, "_build_view", recorded("view", hooks._build_view))
     monkeypatch.setattr(hooks, "_credit", recorded("credit", hooks._credit))
-    monkeypatch.setattr(hooks, "_set_scores", recorded("bookkeeping", hooks._set_scores))
+    monkeypatch.setattr(hooks, "_score_with", recorded("requests", hooks._score_with))
+    monkeypatch.setattr(hooks, "_set_scores", recorded("writes", hooks._set_scores))
     monkeypatch.setattr(teacher_client, "parse_answer", recorded("decode", sglang_wire.parse_answer))
     samples = run_rollout(xargs(teacher.url), rollout(Sample, 6))
     assert all(not s.metadata["xvocab"]["failed"] for s in samples)
     cpu = {hooks._THREADS.pool._thread_name_prefix + "_0"}
     assert threads["view"] == threads["credit"] == threads["decode"] == cpu
-    assert threads["bookkeeping"] == {"xvocab-io"}
+    assert threads["requests"] == {"xvocab-io"}
+    assert threads["writes"] == {threading.main_thread().name}  # the sample is written on slime's loop
 
 
 async def _thread_name() -> str:
@@ -506,6 +518,36 @@ def test_inner_reward_combines_with_distillation(cls, teacher):
     raw, rewards = hooks.post_process_rewards(args, samples)
     assert raw == [1.0, 0.0, 0.0, 0.0]
     assert rewards == slime_group_normalize(args, raw)
+
+
+def test_an_inner_reward_that_rewrites_metadata_keeps_the_plugins_results(teacher):
+    """The plugin writes its results to the sample after the inner reward returns, on slime's loop, so a
+    reward function that rewrites sample.metadata meanwhile neither loses its keys nor the plugin's."""
+    args = xargs(teacher.url, xvocab_inner_rm_path="test_hooks.slow_metadata_reward")
+    samples = run_rollout(args, rollout(Sample, 2))
+    for s in samples:
+        assert s.reward == 1.0 and s.metadata["judge"] == "seen"
+        assert not s.metadata["xvocab"]["failed"] and s.metadata["xvocab"]["stats"]["signal_tokens"] > 0
+
+
+def test_a_process_that_scored_exits_without_unclosed_connections(teacher):
+    """The teacher clients' pools live on the plugin's loop thread; at exit they are closed there, so aiohttp
+    reports no unclosed session or connector on the way out."""
+    script = (
+        "import asyncio, sys\n"
+        "import test_hooks as T\n"
+        "from slime_xvocab import hooks\n"
+        "sample = T.rollout(T.Sample, 1)[0]\n"
+        "asyncio.run(hooks.reward_func(T.xargs(sys.argv[1]), sample))\n"
+        "print('failed', sample.metadata['xvocab']['failed'])\n"
+    )
+    tests_dir = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script, teacher.url], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "failed False" in done.stdout
+    assert "Unclosed" not in done.stderr, done.stderr[-2000:]
 
 
 def test_group_rm_passes_a_list(teacher):
