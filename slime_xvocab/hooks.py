@@ -18,10 +18,10 @@ Signatures (the ones slime calls; pinned by tests/test_hooks.py):
   tokenizations and values each student token with the teacher's probability of that token
   (:mod:`slime_xvocab.credit`), and sets ``sample.teacher_log_probs`` (float32, ``response_length`` values).
   The teacher requests run on an event loop of the plugin's own, and tokenisation, alignment, credit and the
-  decoding of the teacher's answers on one worker thread, so slime's loop only hands the sample over and
-  takes it back (``benchmarks/README.md`` measures its longest stall). It returns the task reward of
-  ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure distillation. Evaluation samples
-  are never sent to the teacher: they get the task reward only.
+  decoding of the teacher's answers on one worker thread: slime's loop hands the sample over, takes it back
+  and writes the results to it (``benchmarks/README.md`` measures its longest stall). It returns the task
+  reward of ``xvocab_inner_rm_type`` / ``xvocab_inner_rm_path``, or 0.0 for pure distillation. Evaluation
+  samples are never sent to the teacher: they get the task reward only.
 * ``post_process_rewards(args, samples) -> (raw_rewards, rewards)``: once per rollout, on the
   flat list. Fills ``teacher_log_probs`` of any sample that has none (fallback), enforces
   ``xvocab_max_failed_fraction`` and normalises task rewards per group exactly like slime's default.
@@ -228,8 +228,8 @@ class _PluginThreads:
     """The two threads the hooks' work runs on, made on first use and again in a forked child (a fork copies
     neither thread, so a child must not hand work to its parent's):
 
-    * ``loop``: an event loop of the plugin's own, running every sample's teacher requests, retries and
-      bookkeeping. slime's rollout loop only hands samples over and takes them back.
+    * ``loop``: an event loop of the plugin's own, running every sample's teacher requests and retries.
+      slime's rollout loop hands samples over, takes them back and writes the results to them.
     * ``pool``: one worker thread for the CPU work (teacher view, credit, decoding top-k answers), so the
       plugin's loop stays free to answer the network meanwhile.
 
