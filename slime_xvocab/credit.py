@@ -729,9 +729,12 @@ def student_token_credit(
     for positions, y0, y1 in plan.direct:
         out[positions] = at(y1) - at(y0)
         scored[positions] = True
-    for positions, y0, y1 in plan.uniform:
-        total = float(at(y1) - at(y0))
-        out[positions] = student[positions] + (total - student[positions].sum()) / len(positions)
+    chunks = plan.uniform
+    if len(chunks):  # each rewritten chunk's mass, split evenly over its student tokens (all chunks at once)
+        owner, positions = chunks.owner(), chunks.positions
+        total = at(chunks.y1) - at(chunks.y0)
+        share = (total - np.bincount(owner, weights=student[positions], minlength=len(chunks))) / chunks.sizes()
+        out[positions] = student[positions] + share[owner]
         scored[positions] = True
     for position, teacher_positions in plan.end_of_turn:
         out[position] = path_before[m] + teacher[teacher_positions].sum() - at(len(text))
@@ -742,13 +745,39 @@ def student_token_credit(
 
 
 @dataclass
+class _Chunks:
+    """Rewritten chunks, held flat: chunk ``k`` is student positions ``positions[offsets[k]:offsets[k + 1]]``
+    (at least one), read from byte ``y0[k]`` to ``y1[k]`` of the text the teacher read."""
+
+    positions: np.ndarray
+    offsets: np.ndarray
+    y0: np.ndarray
+    y1: np.ndarray
+
+    @classmethod
+    def empty(cls) -> _Chunks:
+        none = np.zeros(0, dtype=np.int64)
+        return cls(none, np.zeros(1, dtype=np.int64), none, none)
+
+    def __len__(self) -> int:
+        return len(self.y0)
+
+    def sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def owner(self) -> np.ndarray:
+        """The chunk of every entry of ``positions``."""
+        return np.arange(len(self)).repeat(self.sizes())
+
+
+@dataclass
 class _Plan:
     """Where the prefix masses G are read (byte positions in the text the teacher read) and by whom."""
 
     queries: np.ndarray  # sorted unique positions > 0
     query_ext: np.ndarray  # the student token that must not grow at each position (-1: none)
     direct: list  # (student positions, from, to): value = G(to) - G(from)
-    uniform: list  # (student positions, from, to): a rewritten chunk, its mass split evenly
+    uniform: _Chunks  # rewritten chunks: each one's mass split evenly over its student tokens
     end_of_turn: list  # (student position, teacher positions of the end of turn)
 
 
@@ -756,7 +785,7 @@ def _plan(view, alignment, s_spans, text_aligned, t_start, t_end, text, prev_tex
     s_chunk, t_chunk = alignment.student_chunk, alignment.teacher_chunk
     ext_before = np.where(prev_text >= 0, s_ids[np.maximum(prev_text, 0)], -1)
     direct: list = []
-    uniform: list = []
+    uniform = _Chunks.empty()
     # reads: (positions, the student token that must not grow at each), in the order the queries are
     # first met (the first read of a position names its token).
     if view.exact_bytes:
@@ -769,7 +798,10 @@ def _plan(view, alignment, s_spans, text_aligned, t_start, t_end, text, prev_tex
             view.response_bytes, alignment, s_spans, text_aligned, t_start, t_end, text, m, ext_before, s_ids
         )
         reads = [direct_reads]
-    reads += [(np.array([y0, y1]), np.concatenate([ext_before[p[:1]], s_ids[p[-1:]]])) for p, y0, y1 in uniform]
+    if len(uniform):  # a rewritten chunk reads its two edges: its first token's start, its last token's end
+        first, last = uniform.positions[uniform.offsets[:-1]], uniform.positions[uniform.offsets[1:] - 1]
+        reads.append((np.stack([uniform.y0, uniform.y1], axis=1).ravel(),
+                      np.stack([ext_before[first], s_ids[last]], axis=1).ravel()))
     end_of_turn = []
     for j in np.flatnonzero((s_chunk >= 0) & (s_spans[:, 1] == s_spans[:, 0])).tolist():
         t_pos = np.flatnonzero(t_chunk == s_chunk[j])
@@ -785,8 +817,8 @@ def _plan(view, alignment, s_spans, text_aligned, t_start, t_end, text, prev_tex
 
 def _plan_rewritten(data, alignment, s_spans, text_aligned, t_start, t_end, text, m, ext_before, s_ids):
     """A teacher normaliser rewrote some text: chunks whose bytes still match map byte for byte (one ``direct``
-    entry for all of them), the others are valued at their edges and split evenly (``uniform``, one entry per
-    chunk). Also returns the direct chunks' reads for :func:`_plan`, chunk by chunk: a chunk's token starts,
+    entry for all of them), the others are valued at their edges and split evenly (``uniform``, held flat as
+    :class:`_Chunks`). Also returns the direct chunks' reads for :func:`_plan`, chunk by chunk: a chunk's token starts,
     then its token ends."""
     s_chunk = np.where(text_aligned, alignment.student_chunk, -1)
     t_chunk = np.where(np.arange(alignment.n_teacher) < m, alignment.teacher_chunk, -1)
@@ -806,8 +838,9 @@ def _plan_rewritten(data, alignment, s_spans, text_aligned, t_start, t_end, text
     y0, y1 = s_spans[toks, 0] + shift, s_spans[toks, 1] + shift
     if len(toks):
         direct.append((toks, y0, y1))
-    uniform = [(s_order[lo:hi], int(a), int(b)) for lo, hi, a, b in zip(
-        s_lo[~same].tolist(), s_hi[~same].tolist(), ya[~same].tolist(), yb[~same].tolist())]
+    lo, hi = s_lo[~same], s_hi[~same]
+    uniform = _Chunks(s_order[_segment_ranges(lo, hi)[1]], np.concatenate([[0], np.cumsum(hi - lo)]),
+                      ya[~same], yb[~same])
     # Reads in chunk order, and inside a chunk the starts before the ends (a stable sort keeps token order).
     order = np.argsort(np.concatenate([owner * 2, owner * 2 + 1]), kind="stable")
     reads = (np.concatenate([y0, y1])[order], np.concatenate([ext_before[toks], s_ids[toks]])[order])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import unicodedata
 
 import numpy as np
 import pytest
@@ -404,7 +405,9 @@ def test_rewritten_plan_equals_the_per_chunk_plan(student, teacher, pieces, ends
                                          ext_before, s_ids)
     want_flat = [np.concatenate([entry[i] for entry in want_direct]).tolist() if want_direct else [] for i in range(3)]
     assert [direct[0][i].tolist() if direct else [] for i in range(3)] == want_flat
-    assert [(t.tolist(), y0, y1) for t, y0, y1 in uniform] == [(t.tolist(), y0, y1) for t, y0, y1 in want_uniform]
+    got_uniform = [(uniform.positions[a:b].tolist(), y0, y1) for a, b, y0, y1 in zip(
+        uniform.offsets[:-1].tolist(), uniform.offsets[1:].tolist(), uniform.y0.tolist(), uniform.y1.tolist())]
+    assert got_uniform == [(t.tolist(), y0, y1) for t, y0, y1 in want_uniform]
     # _plan's first read of each position names its student token exactly as the per-chunk reads did.
     reads = [(y0, ext_before[p], y1, s_ids[p]) for p, y0, y1 in want_direct]
     reads += [(np.array([y0]), ext_before[p[:1]], np.array([y1]), s_ids[p[-1:]]) for p, y0, y1 in want_uniform]
@@ -415,6 +418,53 @@ def test_rewritten_plan_equals_the_per_chunk_plan(student, teacher, pieces, ends
         for y, e in zip(plan.queries.tolist(), plan.query_ext.tolist()):
             if y in pos.tolist():
                 assert e == ext[pos.tolist().index(y)], (y, e)
+
+
+@pytest.mark.parametrize("student", ["llama3_1", "gemma3"])
+def test_rewritten_chunks_split_their_mass_evenly_chunk_by_chunk(student, teacher="qwen3"):
+    """Each rewritten chunk (all valued at once) gets its teacher mass T, whatever the student's log-probs,
+    split as value_j = s_j + (T - sum s) / n: checked one chunk at a time, with two student vectors. Qwen3's
+    normaliser (NFC) rewrites the decomposed accents."""
+    from slime_xvocab.credit import _plan
+
+    builder = builder_for(student, teacher)
+    ext = student_extensions(builder.student_tokenizer, builder.student_table)
+    rng = np.random.default_rng(0)
+    seen = 0
+    texts = ["Café naïve résumé déjà vu", "Zoë's coöperative fiancée, über-ñandú. Ångström!", "e\u0301e\u0301 a\u0308"]
+    for text in texts:
+        ids = canonical_ids(builder.student_tokenizer, unicodedata.normalize("NFD", text))
+        view = builder.build("Q?", ids + [student_eot(builder)])
+        # A diffuse teacher: the observed token and 19 others at every position, Dirichlet probabilities.
+        top = []
+        for tok in view.response_ids:
+            cands = np.unique(np.append(rng.integers(0, builder.teacher_table.vocab_size, 19), tok))
+            top.append((cands.astype(np.int64), np.log(rng.dirichlet(np.ones(len(cands) + 1))[:-1])))
+        lps = np.array([lp[ids == tok][0] for tok, (ids, lp) in zip(view.response_ids, top)])
+        s1, s2 = -rng.exponential(1.0, len(view.student_ids)), -rng.exponential(1.0, len(view.student_ids))
+        got1 = student_token_credit(view, lps, top, s1, ext, builder.teacher_table).values.astype(np.float64)
+        got2 = student_token_credit(view, lps, top, s2, ext, builder.teacher_table).values.astype(np.float64)
+        a, table = view.alignment, builder.teacher_table
+        m = a.n_teacher - len(view.eot_ids) - len(view.probe_ids)
+        t_ids = np.asarray(view.response_ids[:m], dtype=np.int64)
+        t_end = np.cumsum(table.lengths_of(t_ids))
+        s_spans = view.student_spans
+        text_aligned = (s_spans[:, 1] > s_spans[:, 0]) & (a.student_chunk >= 0)
+        prev = np.array([max([j for j in range(i) if s_spans[j, 1] > s_spans[j, 0]], default=-1)
+                         for i in range(len(view.student_ids))])
+        plan = _plan(view, a, s_spans, text_aligned, t_end - table.lengths_of(t_ids), t_end,
+                     np.frombuffer(table.bytes_of(t_ids), dtype=np.uint8), prev, view.student_ids, m)
+        chunks = plan.uniform
+        for lo, hi in zip(chunks.offsets[:-1].tolist(), chunks.offsets[1:].tolist()):
+            p = chunks.positions[lo:hi]
+            if (got1[p] == 0).any() or (got2[p] == 0).any():
+                continue  # a value above 0 was clamped: the split is checked where nothing was
+            total = got1[p].sum()
+            assert got2[p].sum() == pytest.approx(total, abs=1e-5)  # T does not depend on the student
+            for got, s in ((got1, s1), (got2, s2)):
+                np.testing.assert_allclose(got[p], s[p] + (total - s[p].sum()) / len(p), atol=1e-5)
+            seen += 1
+    assert seen >= 3  # the texts above do have rewritten chunks
 
 
 def test_the_rewritten_plan_test_saw_rewritten_text():
